@@ -1,0 +1,38 @@
+# Two commands on a fresh machine (python3 and make): `make train` and `make test`. Both create .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: train train-ddp test test-quick lint format bench clean
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+train: $(STAMP)  ## the main job: tiny GPT-2 on the stdlib corpus; re-run to resume
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
+
+train-ddp: $(STAMP)  ## the same job on 2 CPU processes (DDP over gloo)
+	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
+
+test: $(STAMP)  ## the whole suite (slow multi-process and chaos tests included)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/pytest tests $(ARGS)
+
+test-quick: $(STAMP)  ## skip the slow multi-process/chaos tests
+	$(BIN)/pytest tests -m "not slow" $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+bench: $(STAMP)  ## harness overhead vs a raw PyTorch loop
+	$(BIN)/python benchmarks/throughput.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,283 @@
+"""Train a causal LM or a sequence classifier. Kill it at any moment; run the same command again to resume bit-for-bit.
+
+    accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config configs/tiny_lm.yaml
+
+Exit codes: 0 finished (or already complete), 75 checkpointed after a stop request (run again), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+from resumable.checkpoint import (
+    Progress,
+    find_best_checkpoint,
+    find_latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    step_name,
+)
+from resumable.config import TrainConfig, parse_config, parse_duration
+from resumable.errors import exit_on_user_error
+from resumable.launch import check_distributed, enable_cpu_distributed
+from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, parse_signals, write_run_status
+
+COMPLETE = "COMPLETE"
+
+
+def resolve_resume(cfg: TrainConfig) -> Path | None:
+    """Which checkpoint to resume from (None: start fresh). Every process resolves the same one."""
+    r = cfg.resume_from_checkpoint
+    if r == "none":
+        return None
+    if r in ("auto", "latest"):
+        return find_latest_checkpoint(cfg.checkpoints_dir)
+    if r == "best":
+        return find_best_checkpoint(cfg.checkpoints_dir)
+    return Path(r)
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    # --- config
+    cfg = parse_config(argv)
+    out = Path(cfg.output_dir)
+    if (out / COMPLETE).exists():
+        print(f"{out} is already complete (final model in {out / 'final'}); nothing to do.")
+        return EXIT_FINISHED
+    resume_dir = resolve_resume(cfg)  # before any import-heavy work: bad input fails fast
+
+    enable_cpu_distributed()
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from resumable.data import build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
+    from resumable.metrics import TrainLog, baselines, evaluate, plot_loss_curve
+    from resumable.modeling import build_model
+
+    # --- accelerator
+    trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.report_to, [cfg.report_to])
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers,
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "runs")),
+        # our loop steps the scheduler once per optimizer step (accelerate would step it once per process)
+        step_scheduler_with_optimizer=False,
+        # shuffle order = f(seed, epoch): the only way a resumed epoch sees the same order
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+    )
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    check_distributed(world)
+    budget = parse_duration(cfg.max_run_time) if cfg.max_run_time else None
+    stop = StopRequest(parse_signals(cfg.stop_signals), budget, cfg.max_steps_per_run).install()
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    # --- data
+    set_seed(cfg.seed)
+    with accelerator.main_process_first():  # rank 0 builds corpora, tokenizer and caches; the others reuse them
+        raw = load_raw_datasets(cfg)
+        tokenizer = load_tokenizer(cfg, raw)
+        train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
+    train_dl, eval_dl = build_dataloaders(cfg, train_ds, eval_ds, tokenizer)
+
+    # --- model, optimizer, scheduler
+    set_seed(cfg.seed)  # model init must not depend on how much randomness data preparation used
+    model = build_model(cfg, tokenizer)
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+    )
+    model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
+    ga = cfg.gradient_accumulation_steps
+    batches_per_epoch = len(train_dl)  # per process, after sharding
+    steps_per_epoch = math.ceil(batches_per_epoch / ga)  # a short last window still steps
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
+    scheduler = accelerator.prepare(scheduler)
+
+    # --- resume
+    progress = Progress(tracker_run_id=secrets.token_hex(4), world_size=world)
+    resume_msg = ""
+    if resume_dir is not None:
+        progress = load_checkpoint(accelerator, resume_dir)
+        resume_msg = (
+            f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
+            f"batch {progress.batches_in_epoch}/{batches_per_epoch} of the epoch"
+        )
+    progress.world_size = world
+    progress.per_device_train_batch_size, progress.gradient_accumulation_steps = cfg.per_device_train_batch_size, ga
+    train_log = TrainLog(out)
+    if is_main:
+        train_log.truncate_after(progress.step)  # records past the checkpoint are about to be redone
+    settings = {k: v for k, v in vars(cfg).items() if v is not None}
+    accelerator.init_trackers(
+        cfg.project_name, config=settings, init_kwargs={"wandb": {"id": progress.tracker_run_id, "resume": "allow"}}
+    )
+    last_saved = progress.step if resume_dir is not None else -1
+
+    def run_eval() -> bool:
+        """Evaluate at `progress.step`; False if a stop request interrupted it (it is re-run on resume)."""
+        metrics = evaluate(accelerator, model, eval_dl, cfg.task, lambda: stop.local_flag)
+        progress.eval_pending = metrics is None
+        if metrics is None:
+            return False
+        progress.last_eval = metrics
+        value = metrics[cfg.metric_for_best_model]
+        best = progress.best_metric
+        if best is None or (value > best if cfg.greater_is_better else value < best):
+            progress.best_metric, progress.best_step = value, progress.step
+        if is_main:
+            train_log.append({"step": progress.step, **metrics})
+        accelerator.log(metrics, step=progress.step)
+        return True
+
+    def save() -> None:
+        nonlocal last_saved
+        if last_saved == progress.step:
+            return
+        t0 = time.perf_counter()
+        save_checkpoint(accelerator, cfg.checkpoints_dir, progress)
+        stop.note_save(time.perf_counter() - t0)
+        last_saved = progress.step
+        if is_main:
+            keep = {step_name(progress.best_step)} if progress.best_step is not None else set()
+            prune_checkpoints(cfg.checkpoints_dir, cfg.save_total_limit, protect=keep)
+
+    # --- training loop
+    interrupted = progress.eval_pending and not run_eval()
+    bar = tqdm(total=total_steps, initial=progress.step, disable=not is_main, unit="step", dynamic_ncols=True)
+    steps_this_run = 0
+    model.train()
+    while progress.step < total_steps and not interrupted:
+        train_dl.set_epoch(progress.epoch)  # must precede skip_first_batches: its new loader shares the sampler
+        batches, micro = train_dl, progress.batches_in_epoch
+        t0 = time.perf_counter()
+        if micro:
+            batches = accelerator.skip_first_batches(train_dl, micro)  # index level: skipped batches are never loaded
+        window_loss = torch.zeros((), device=accelerator.device)
+        t_step = time.perf_counter()
+        for batch in batches:
+            if resume_msg:  # one line, once the first resumed batch is in hand
+                ms = (time.perf_counter() - t0) * 1e3
+                if is_main:
+                    tqdm.write(f"{resume_msg}; fast-forwarded {micro} batches in {ms:.1f} ms")
+                resume_msg = ""
+            window = min(ga, batches_per_epoch - micro // ga * ga)  # the epoch's last window may be short
+            last_micro = micro % ga == window - 1
+            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+                loss = model(**batch).loss / window  # scaled by the real window size, not ga
+                accelerator.backward(loss)
+            window_loss += loss.detach()
+            micro += 1
+            if not last_micro:
+                continue
+            # --- optimizer step
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            steps_this_run += 1
+            progress.samples_seen += window * cfg.per_device_train_batch_size * world
+            progress.batches_in_epoch = micro
+            if micro == batches_per_epoch:
+                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+            stop.note_step(time.perf_counter() - t_step)
+            stop.check_budgets(steps_this_run)
+            # one all-reduce carries both the loss and the stop flag: ranks agree on the stop step for free
+            stats = accelerator.reduce(
+                torch.stack([window_loss.float(), torch.tensor(float(stop.local_flag), device=accelerator.device)]),
+                "sum",
+            )
+            step_loss, stopping = (stats[0] / world).item(), stats[1].item() > 0
+            lr = scheduler.get_last_lr()[0]
+            # --- log, evaluate, save
+            if is_main:
+                train_log.append({"step": progress.step, "epoch": progress.epoch, "train/loss": step_loss, "lr": lr})
+            if progress.step % cfg.logging_steps == 0:
+                accelerator.log({"train/loss": step_loss, "lr": lr}, step=progress.step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+            done = progress.step >= total_steps
+            if not stopping and (done or (cfg.eval_steps and progress.step % cfg.eval_steps == 0)):
+                interrupted = not run_eval()
+            epoch_end = progress.batches_in_epoch == 0
+            if (
+                done
+                or stopping
+                or interrupted
+                or epoch_end
+                or (cfg.checkpointing_steps and progress.step % cfg.checkpointing_steps == 0)
+            ):
+                save()
+            if done or stopping or interrupted:
+                break
+            window_loss = torch.zeros((), device=accelerator.device)
+            t_step = time.perf_counter()
+        else:
+            continue
+        break
+    bar.close()
+
+    # --- stop early, or finish
+    if progress.step < total_steps or progress.eval_pending:
+        save()
+        accelerator.print(
+            f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved. Run the same command to resume."
+        )
+        if is_main:
+            write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, stop.reason or "")
+        accelerator.end_training()
+        return EXIT_REQUEUE
+    save()
+    if is_main:
+        final = out / "final"
+        tmp = out / ".tmp-final"
+        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if final.exists():
+            os.replace(final, out / ".old-final")
+        os.replace(tmp, final)
+        import shutil
+
+        shutil.rmtree(out / ".old-final", ignore_errors=True)
+        final_metrics = {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "samples_seen": progress.samples_seen,
+            **progress.last_eval,
+            **baselines(cfg.task, train_ds, eval_ds),
+            "best_metric": progress.best_metric,
+            "best_step": progress.best_step,
+        }
+        (out / "final_metrics.json").write_text(json.dumps(final_metrics, indent=1) + "\n")
+        plot_loss_curve(train_log, out / "loss_curve.png")
+        (out / COMPLETE).write_text(json.dumps({"step": progress.step}) + "\n")
+        write_run_status(out, "finished", EXIT_FINISHED, progress.step)
+        print(json.dumps(final_metrics))
+    accelerator.end_training()
+    return EXIT_FINISHED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

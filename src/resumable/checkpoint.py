@@ -1,0 +1,256 @@
+"""The checkpoint store: atomic commits, checksummed manifests, discovery of the newest valid checkpoint.
+
+Layout: `{output_dir}/checkpoints/step-00000100/` holds what `accelerator.save_state` writes (model.safetensors,
+optimizer.bin, scheduler.bin, random_states_{rank}.pkl, ...), our `progress.json`, and `manifest.json`, written
+last. A folder counts only if its manifest exists and every file it lists has the recorded size and sha256.
+Commit: every rank writes into `.tmp-step-.../`; after a barrier the main process fsyncs the files, writes the
+manifest and renames the folder into place. No symlinks (Drive, NFS and Lustre handle them badly).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from resumable.errors import UserError
+
+log = logging.getLogger("resumable")
+MANIFEST, PROGRESS = "manifest.json", "progress.json"
+FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """Everything the loop counts, saved as JSON next to accelerate's state."""
+
+    step: int = 0  # optimizer updates done
+    epoch: int = 0  # epoch the next micro-batch belongs to
+    batches_in_epoch: int = 0  # micro-batches each process has consumed in `epoch`
+    samples_seen: int = 0  # training examples consumed, all processes together
+    best_metric: float | None = None
+    best_step: int | None = None
+    last_eval: dict = field(default_factory=dict)
+    eval_pending: bool = False  # an evaluation at `step` was interrupted; run it first on resume
+    tracker_run_id: str = ""
+    world_size: int = 1
+    per_device_train_batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hash_files(folder: Path) -> dict[str, dict]:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
+        digests = list(pool.map(_sha256, files))
+    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    with open(path, "w") as fh:
+        json.dump(obj, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    accelerator: Accelerator, checkpoints_dir: Path, progress: Progress, extra: dict | None = None
+) -> Path:
+    """Commit the full training state at `progress.step`; every process must call this. Returns the folder."""
+    final = checkpoints_dir / step_name(progress.step)
+    tmp = checkpoints_dir / f".tmp-{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(tmp / PROGRESS, asdict(progress))
+        for p in tmp.iterdir():  # other ranks' files too: one fsync pass on the node that commits
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+        manifest = {
+            "format": FORMAT,
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "samples_seen": progress.samples_seen,
+            "world_size": accelerator.num_processes,
+            "metrics": progress.last_eval,
+            "created": time.time(),
+            "versions": {"torch": torch.__version__, **_lib_versions()},
+            **(extra or {}),
+            "files": _hash_files(tmp),
+        }
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
+        _write_json(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved twice: replace, never leave a gap with no copy
+            trash = checkpoints_dir / f".trash-{final.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(checkpoints_dir)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _lib_versions() -> dict[str, str]:
+    import accelerate
+    import transformers
+
+    return {"transformers": transformers.__version__, "accelerate": accelerate.__version__}
+
+
+# --- discovery and verification
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
+    """None if `folder` is a complete, intact checkpoint; else the reason it is not (naming the file)."""
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError:
+        return f"{MANIFEST} missing (incomplete save)"
+    except (OSError, ValueError) as err:
+        return f"{MANIFEST} unreadable ({err})"
+    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        return f"{MANIFEST} checksum mismatch (corrupted)"
+    files = manifest.get("files", {})
+    if PROGRESS not in files:
+        return f"{MANIFEST} lists no {PROGRESS}"
+    for name, meta in files.items():
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            return f"{MANIFEST} names a path outside its folder: {name!r}"
+        path = folder / name
+        if not path.is_file():
+            return f"{name} missing"
+        if path.stat().st_size != meta["size"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
+        if deep and _sha256(path) != meta["sha256"]:
+            return f"{name} sha256 mismatch (corrupted)"
+    return None
+
+
+def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
+    """Committed-looking checkpoint folders, oldest first (temporary folders excluded)."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(p for p in checkpoints_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def find_latest_checkpoint(checkpoints_dir: Path, deep: bool = True) -> Path | None:
+    """The newest checkpoint that verifies; WARNING for each newer one skipped. Raise if none of several is valid."""
+    candidates = list_checkpoints(checkpoints_dir)
+    for folder in reversed(candidates):
+        reason = verify_checkpoint(folder, deep=deep)
+        if reason is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, reason)
+    if candidates:
+        raise UserError(
+            f"{checkpoints_dir}: {len(candidates)} checkpoint(s) but none is valid; "
+            "pass --resume_from_checkpoint none to start over (nothing will be deleted)"
+        )
+    return None
+
+
+def find_best_checkpoint(checkpoints_dir: Path) -> Path | None:
+    """The valid checkpoint the newest valid one records as best."""
+    latest = find_latest_checkpoint(checkpoints_dir)
+    if latest is None:
+        return None
+    best_step = read_progress(latest).best_step
+    folder = checkpoints_dir / step_name(best_step) if best_step is not None else latest
+    if verify_checkpoint(folder) is not None:
+        raise UserError(f"--resume_from_checkpoint best: {folder} is missing or invalid")
+    return folder
+
+
+def read_progress(folder: Path) -> Progress:
+    data = json.loads((folder / PROGRESS).read_text())
+    known = Progress.__dataclass_fields__
+    return Progress(**{k: v for k, v in data.items() if k in known})
+
+
+# --- loading
+
+
+def load_checkpoint(accelerator: Accelerator, folder: Path) -> Progress:
+    """Restore model, optimizer, scheduler, scaler and this process's RNG from `folder`; return its progress."""
+    progress = read_progress(folder)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    if progress.world_size != world:
+        raise UserError(
+            f"{folder} was saved by {progress.world_size} process(es); resuming on {world} is not supported yet"
+        )
+    rng_file = folder / f"random_states_{rank}.pkl"
+    if not rng_file.is_file():
+        raise UserError(f"{rng_file}: missing, cannot restore process {rank}'s random state")
+    accelerator.load_state(str(folder))
+    # accelerate only logs (at INFO) when RNG restore fails: a silent source of non-exact resumes. Check it.
+    from accelerate.utils import load
+
+    saved = load(rng_file)  # weights_only=True with numpy globals allow-listed
+    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
+        raise RuntimeError(f"{rng_file}: random state was not restored")
+    return progress
+
+
+# --- retention
+
+
+def prune_checkpoints(checkpoints_dir: Path, keep_last: int | None, protect: set[str] = frozenset()) -> list[Path]:
+    """Delete the oldest checkpoints beyond `keep_last`, after a commit. Never deletes the newest valid one or `protect`.
+
+    Also removes leftovers of crashed saves. Main process only. Returns the deleted folders.
+    """
+    for junk in checkpoints_dir.glob(".t*-step-*"):  # .tmp-* and .trash-* from interrupted commits
+        shutil.rmtree(junk, ignore_errors=True)
+    if keep_last is None:
+        return []
+    folders = list_checkpoints(checkpoints_dir)
+    valid = [f for f in folders if verify_checkpoint(f, deep=False) is None]
+    keep = {f.name for f in valid[-keep_last:]} | set(protect)
+    if valid:
+        keep.add(valid[-1].name)
+    doomed = [f for f in valid if f.name not in keep]
+    for folder in doomed:
+        shutil.rmtree(folder)
+    return doomed

@@ -1,0 +1,264 @@
+"""Every hyperparameter, declared once. Precedence: dataclass defaults < `--config file.yaml` < `--flag value`."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+from resumable.errors import UserError
+
+TASKS = ("causal_lm", "sequence_classification")
+DATA_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
+RESUME_KEYWORDS = ("auto", "latest", "best", "none")
+TASK_METRICS = {
+    "causal_lm": ("eval/loss", "eval/perplexity"),
+    "sequence_classification": ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"),
+}
+
+
+def _f(default: Any, doc: str) -> Any:
+    return field(default=default, metadata={"help": doc})
+
+
+@dataclass
+class TrainConfig:
+    # --- Config file
+    config: str | None = _f(None, "YAML file of flag values; command-line flags override it.")
+    # --- Task and model
+    task: Literal["causal_lm", "sequence_classification"] = _f("causal_lm", "What to train.")
+    model_name_or_path: str | None = _f(None, "Hub id or local dir of a pretrained model to fine-tune.")
+    model_type: str | None = _f(None, "Architecture to train from scratch (e.g. gpt2, bert); default: a tiny one.")
+    config_overrides: str | None = _f(None, "Model config overrides, e.g. 'n_layer=2,n_embd=128'.")
+    tokenizer_name: str | None = _f(None, "Hub id or local dir of a tokenizer; default: the model's, else trained.")
+    vocab_size: int = _f(4096, "Vocabulary size of the BPE tokenizer trained on the embedded corpus (tokens).")
+    num_labels: int = _f(2, "Number of classes (sequence_classification).")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Override the launch config's precision.")
+    # --- Data
+    dataset_name: str | None = _f(None, "Hub dataset id (needs network); default: the embedded stdlib corpus.")
+    dataset_config_name: str | None = _f(None, "Hub dataset configuration name.")
+    train_file: str | None = _f(None, "Training data file (.txt/.csv/.json/.jsonl).")
+    validation_file: str | None = _f(None, "Validation data file (.txt/.csv/.json/.jsonl).")
+    text_column: str = _f("text", "Column holding the text.")
+    label_column: str = _f("label", "Column holding the label (sequence_classification).")
+    validation_split_percentage: int = _f(5, "Percent of train held out when there is no validation split (%).")
+    block_size: int = _f(128, "Tokens per training block (causal_lm).")
+    max_seq_length: int = _f(256, "Truncate inputs to this many tokens (sequence_classification).")
+    max_train_samples: int | None = _f(None, "Keep only the first N training examples (after tokenization).")
+    max_eval_samples: int | None = _f(None, "Keep only the first N validation examples (after tokenization).")
+    preprocessing_num_workers: int | None = _f(None, "Processes for tokenization (datasets .map).")
+    dataloader_num_workers: int = _f(0, "DataLoader worker processes per training process.")
+    cache_dir: str | None = _f(None, "Cache for corpora, tokenizers and tokenized data; default ~/.cache/resumable.")
+    # --- Optimization
+    learning_rate: float = _f(5e-4, "Peak AdamW learning rate.")
+    weight_decay: float = _f(0.0, "AdamW weight decay (not applied to biases and norms).")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Clip gradients to this global norm; 0 disables clipping.")
+    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant_with_warmup, ...).")
+    warmup_steps: int = _f(0, "Linear warmup length (optimizer steps).")
+    per_device_train_batch_size: int = _f(8, "Micro-batch size per process (examples).")
+    per_device_eval_batch_size: int = _f(8, "Evaluation batch size per process (examples).")
+    gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
+    num_train_epochs: float = _f(1.0, "Epochs to train (ignored when --max_steps > 0).")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
+    seed: int = _f(42, "Seed for model init, shuffling and dropout.")
+    # --- Checkpoints, evaluation, logging
+    output_dir: str | None = _f(None, "Where checkpoints, logs and the final model go (required).")
+    checkpointing_steps: int = _f(500, "Save every N optimizer steps (0: only at epoch ends and the end).")
+    save_total_limit: int | None = _f(None, "Keep at most N rolling checkpoints (the newest and the best are kept).")
+    resume_from_checkpoint: str = _f("auto", "auto | latest | best | none | a checkpoint path.")
+    eval_steps: int = _f(500, "Evaluate every N optimizer steps (0: only at the end).")
+    metric_for_best_model: str | None = _f(None, "Metric tracked as best, e.g. eval/f1; default eval/loss.")
+    greater_is_better: bool | None = _f(None, "Whether a larger metric is better; default: inferred from its name.")
+    logging_steps: int = _f(10, "Log to trackers every N optimizer steps.")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f("tensorboard", "Experiment tracker.")
+    project_name: str = _f("resumable", "Tracker project name.")
+    # --- Preemption and budgets
+    max_run_time: str | None = _f(None, "Wall-clock budget for this run, e.g. 3h50m or 7200 (seconds).")
+    max_steps_per_run: int = _f(0, "Stop (checkpoint, exit 'run me again') after N steps in this run; 0: off.")
+    stop_signals: str = _f("SIGTERM,SIGUSR1,SIGINT", "Signals that checkpoint and stop the run.")
+
+    def __post_init__(self) -> None:
+        _require(self.output_dir, "--output_dir is required")
+        out = Path(self.output_dir)
+        _require(not out.exists() or out.is_dir(), f"--output_dir {out} exists and is not a directory")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            _require(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "checkpointing_steps",
+            "eval_steps",
+            "max_steps_per_run",
+            "warmup_steps",
+            "dataloader_num_workers",
+        ):
+            _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
+        _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
+        _require(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
+        _require(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
+        _require(
+            self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 unless --max_steps is set"
+        )
+        _require(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
+        _require(self.max_seq_length >= 2, f"--max_seq_length must be >= 2, got {self.max_seq_length}")
+        _require(self.vocab_size >= 300, f"--vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
+        _require(self.num_labels >= 2, f"--num_labels must be >= 2, got {self.num_labels}")
+        _require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
+        if self.save_total_limit is not None:
+            _require(self.save_total_limit >= 1, f"--save_total_limit must be >= 1, got {self.save_total_limit}")
+        _require(
+            not (self.model_name_or_path and self.model_type),
+            "--model_name_or_path and --model_type are exclusive (a pretrained model has its own type)",
+        )
+        _require(
+            not (self.dataset_name and (self.train_file or self.validation_file)),
+            "--dataset_name and --train_file/--validation_file are exclusive",
+        )
+        _require(not (self.validation_file and not self.train_file), "--validation_file needs --train_file")
+        for name in ("train_file", "validation_file"):
+            if getattr(self, name):
+                _check_data_file(name, Path(getattr(self, name)))
+        self._check_resume()
+        allowed = TASK_METRICS[self.task]
+        if self.metric_for_best_model is None:
+            self.metric_for_best_model = "eval/loss"
+        _require(
+            self.metric_for_best_model in allowed,
+            f"--metric_for_best_model {self.metric_for_best_model!r} is not a {self.task} metric; choose from {', '.join(allowed)}",
+        )
+        if self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith(("loss", "perplexity"))
+        if self.max_run_time is not None:
+            parse_duration(self.max_run_time)
+        from resumable.preemption import parse_signals  # late: preemption imports nothing from here
+
+        parse_signals(self.stop_signals)
+
+    def _check_resume(self) -> None:
+        r = self.resume_from_checkpoint
+        if r in RESUME_KEYWORDS:
+            return
+        path = Path(r)
+        _require(path.is_dir(), f"--resume_from_checkpoint {r}: no such checkpoint directory")
+        _require(
+            (path / "manifest.json").is_file(),
+            f"--resume_from_checkpoint {r}: not a complete checkpoint (no manifest.json)",
+        )
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+
+def _require(ok: Any, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_data_file(flag: str, path: Path) -> None:
+    _require(path.suffix in DATA_SUFFIXES, f"--{flag} {path}: unsupported extension (use {', '.join(DATA_SUFFIXES)})")
+    _require(path.is_file(), f"--{flag} {path}: file not found")
+    _require(path.stat().st_size > 0, f"--{flag} {path}: file is empty")
+
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(text: str) -> float:
+    """'3h50m', '90m', '1d2h', '7200' or '7200s' -> seconds."""
+    m = _DURATION.match(text.strip())
+    if not text.strip() or not m or not any(m.groups()):
+        raise UserError(f"--max_run_time {text!r}: expected a duration like 3h50m, 45m, 90s or 7200")
+    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
+    seconds = d * 86400 + h * 3600 + mi * 60 + s
+    _require(seconds > 0, f"--max_run_time {text!r} must be positive")
+    return seconds
+
+
+# --- parsing
+
+
+class _Parser(HfArgumentParser):
+    def error(self, message: str):  # argparse would print usage + exit; we want one line
+        raise UserError(message)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _unknown(name: str, where: str) -> UserError:
+    close = difflib.get_close_matches(name, field_names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return UserError(f"{where}: unknown key {name!r}{hint}")
+
+
+def _yaml_flags(path: str) -> list[str]:
+    p = Path(path)
+    _require(p.is_file(), f"--config {path}: file not found")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    _require(isinstance(data, dict), f"--config {path}: expected a mapping of flag: value")
+    flags: list[str] = []
+    for key, value in data.items():
+        if key not in field_names() or key == "config":
+            raise _unknown(str(key), f"--config {path}")
+        if value is None:
+            continue
+        _require(not isinstance(value, (list, dict)), f"--config {path}: key {key!r} must be a scalar")
+        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    return flags
+
+
+def _peek_config(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            _require(i + 1 < len(argv), "--config needs a file")
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Parse defaults < --config YAML < flags into a validated `TrainConfig`; raise `UserError` on any mistake."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _Parser(TrainConfig)
+    config_path = _peek_config(argv)
+    yaml_flags = _yaml_flags(config_path) if config_path else []
+    if yaml_flags:  # type-check the file's values alone first, so errors name the file
+        try:
+            parser.parse_known_args(yaml_flags)
+        except UserError as err:
+            raise UserError(f"--config {config_path}: {err}") from None
+    cfg, remaining = parser.parse_args_into_dataclasses(args=yaml_flags + argv, return_remaining_strings=True)
+    if remaining:
+        flag = next((r for r in remaining if r.startswith("-")), remaining[0])
+        name = flag.lstrip("-").split("=", 1)[0]
+        if name in field_names():
+            raise UserError(f"unexpected value {remaining[0]!r}")
+        raise _unknown(name, "command line")
+    return cfg
+
+
+def cache_root(cfg: TrainConfig) -> Path:
+    """Where corpora, tokenizers and tokenized datasets are cached."""
+    root = cfg.cache_dir or os.environ.get("RESUMABLE_CACHE") or Path.home() / ".cache" / "resumable"
+    return Path(root).expanduser()
+
+
+def defaults() -> dict[str, Any]:
+    """Field name -> default value (for docs and tests)."""
+    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}

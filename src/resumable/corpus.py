@@ -1,0 +1,126 @@
+"""The embedded default data: real corpora built from the Python standard library every install ships.
+
+- causal LM: the source of the stdlib's top-level modules, split into train/validation by file.
+- classification: functions extracted from the stdlib, labelled 1 if they come from its test suite, else 0.
+The split is a hash of the file's relative path, so it is the same on every machine with the same Python.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+TEST_DIRS = {"test", "tests", "idle_test"}
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def _bucket(key: str) -> int:
+    """A stable 0..99 bucket for a string (Python's hash() is salted per process)."""
+    return int(hashlib.sha1(key.encode()).hexdigest(), 16) % 100
+
+
+def _split_of(relpath: str, validation_percentage: int) -> str:
+    return "validation" if _bucket(relpath) < validation_percentage else "train"
+
+
+def _is_test_code(rel: Path) -> bool:
+    return bool(TEST_DIRS & set(rel.parts[:-1])) or rel.name.startswith("test_")
+
+
+def _library_files(root: Path, pattern: str) -> list[Path]:
+    skip = {"site-packages", "dist-packages", "__pycache__", "lib2to3"}  # lib2to3 holds Python 2 test data
+    return sorted(p for p in root.glob(pattern) if not skip & set(p.relative_to(root).parts))
+
+
+def _fingerprint(files: list[Path], root: Path, *params) -> str:
+    h = hashlib.sha256(repr((sys.version, params)).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _write_splits(target: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
+    """Write `{split}.jsonl` atomically: a crashed build leaves no half corpus behind."""
+    if not target.exists():
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for split, rows in records.items():
+            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process won the race with identical content
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {split: target / f"{split}.jsonl" for split in records}
+
+
+def build_lm_corpus(cache: Path, validation_percentage: int = 5) -> dict[str, Path]:
+    """Train/validation jsonl files of {"text", "path"} records: one per top-level stdlib module."""
+    root = stdlib_root()
+    files = _library_files(root, "*.py")
+    target = cache / "corpora" / f"stdlib_lm-{_fingerprint(files, root, validation_percentage)}"
+    if target.exists():
+        return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
+    records: dict[str, list[dict]] = {"train": [], "validation": []}
+    for f in files:
+        rel = str(f.relative_to(root))
+        text = f.read_text(encoding="utf-8", errors="replace")
+        records[_split_of(rel, validation_percentage)].append({"text": text, "path": rel})
+    return _write_splits(target, records)
+
+
+def _functions(path: Path, rel: str) -> list[dict]:
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []  # the stdlib ships a few deliberately broken files for its own tests
+    lines = source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: quadratic
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            text = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
+            if text.count("\n") >= 3:  # one-liners carry too little signal
+                out.append({"text": text, "path": rel, "name": node.name, "line": node.lineno})
+    return out
+
+
+def build_cls_corpus(cache: Path, validation_percentage: int = 5, max_per_class: int = 2500) -> dict[str, Path]:
+    """Train/validation jsonl of {"text", "label"}: stdlib functions, label 1 = from the test suite.
+
+    Each class is capped at `max_per_class` training examples (and proportionally for validation), chosen by
+    a stable hash, so both classes are present and the build stays fast.
+    """
+    root = stdlib_root()
+    files = _library_files(root, "**/*.py")
+    key = _fingerprint(files, root, validation_percentage, max_per_class)
+    target = cache / "corpora" / f"stdlib_cls-{key}"
+    if target.exists():
+        return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
+    pools: dict[tuple[str, int], list[dict]] = {}
+    for f in files:
+        rel = f.relative_to(root)
+        label = int(_is_test_code(rel))
+        split = _split_of(str(rel), validation_percentage)
+        pools.setdefault((split, label), []).extend(_functions(f, str(rel)))
+    cap = {"train": max_per_class, "validation": max(1, max_per_class * validation_percentage // 100)}
+    records: dict[str, list[dict]] = {"train": [], "validation": []}
+    for (split, label), rows in sorted(pools.items()):
+        rows.sort(key=lambda r: hashlib.sha1(f"{r['path']}:{r['line']}".encode()).hexdigest())
+        records[split] += [{"text": r["text"], "label": label, "path": r["path"]} for r in rows[: cap[split]]]
+    for rows in records.values():  # stable, interleaved order independent of the pool order above
+        rows.sort(key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())
+    return _write_splits(target, records)

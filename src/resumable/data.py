@@ -1,0 +1,192 @@
+"""Data: raw datasets (hub, files or the embedded stdlib corpus), the tokenizer, tokenization and the loaders.
+
+Resume exactness depends on two choices here: every DataLoader gets its own seeded `torch.Generator` (otherwise
+each `iter(loader)` draws from the global RNG and shifts dropout after a resume), and the train loader is
+shuffled by accelerate's seedable sampler, so the order of epoch e is a pure function of (seed, e).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+
+from resumable.config import TrainConfig, cache_root
+from resumable.corpus import build_cls_corpus, build_lm_corpus
+from resumable.errors import UserError
+
+datasets.disable_progress_bars()
+BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+EOS, PAD, CLS = "<|endoftext|>", "<pad>", "<cls>"
+
+
+# --- raw text
+
+
+def load_raw_datasets(cfg: TrainConfig) -> datasets.DatasetDict:
+    """train and validation splits with `cfg.text_column` (and `cfg.label_column` for classification)."""
+    cache = cache_root(cfg)
+    hf_cache = str(cache / "datasets")
+    pct = cfg.validation_split_percentage
+    if cfg.dataset_name:
+        raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=hf_cache)
+        if "validation" not in raw:
+            raw = _hold_out(raw["train"], pct, cfg.seed)
+        sources = {"train": f"--dataset_name {cfg.dataset_name}", "validation": f"--dataset_name {cfg.dataset_name}"}
+    else:
+        if cfg.train_file:
+            files = {"train": cfg.train_file}
+            if cfg.validation_file:
+                files["validation"] = cfg.validation_file
+            sources = {
+                "train": f"--train_file {cfg.train_file}",
+                "validation": f"--validation_file {cfg.validation_file}",
+            }
+        else:
+            build = build_lm_corpus if cfg.task == "causal_lm" else build_cls_corpus
+            files = {k: str(v) for k, v in build(cache, pct).items()}
+            sources = {k: f"embedded corpus {v}" for k, v in files.items()}
+        builder = BUILDERS[Path(files["train"]).suffix]
+        try:
+            raw = datasets.load_dataset(builder, data_files=files, cache_dir=hf_cache)
+        except Exception as err:  # parse errors from pyarrow/pandas are user errors about the file
+            raise UserError(
+                f"{sources['train']}: could not be read as {builder} ({str(err).splitlines()[0]})"
+            ) from None
+        if "validation" not in raw:
+            raw = _hold_out(raw["train"], pct, cfg.seed)
+            sources["validation"] = sources["train"] + f" (held-out {pct}%)"
+    for split in ("train", "validation"):
+        _check_columns(cfg, raw[split], sources[split])
+    return raw
+
+
+def _hold_out(train: datasets.Dataset, pct: int, seed: int) -> datasets.DatasetDict:
+    parts = train.train_test_split(test_size=pct / 100, seed=seed)
+    return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def _check_columns(cfg: TrainConfig, ds: datasets.Dataset, source: str) -> None:
+    if len(ds) == 0:
+        raise UserError(f"{source}: no examples")
+    need = [cfg.text_column] + ([cfg.label_column] if cfg.task == "sequence_classification" else [])
+    for col in need:
+        flag = "--text_column" if col == cfg.text_column else "--label_column"
+        if col not in ds.column_names:
+            raise UserError(f"{source}: no column {col!r} (set {flag}; columns: {', '.join(ds.column_names)})")
+
+
+# --- tokenizer
+
+
+def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTokenizerBase:
+    """The named tokenizer, the pretrained model's, or a byte-level BPE trained on the training split (cached)."""
+    name = cfg.tokenizer_name or cfg.model_name_or_path
+    if name is None:
+        name = str(_train_bpe(cfg, raw["train"]))
+    tokenizer = AutoTokenizer.from_pretrained(name)  # the same loading path for trained and pretrained ones
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    key = hashlib.sha256(f"{train._fingerprint}:{cfg.text_column}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
+    target = cache_root(cfg) / "tokenizers" / key[:16]
+    if (target / "tokenizer.json").exists():
+        return target
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = [EOS, PAD, CLS]
+    trainer = trainers.BpeTrainer(
+        vocab_size=cfg.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator((row[cfg.text_column] for row in train), trainer=trainer, length=len(train))
+    if cfg.task == "sequence_classification":  # BERT-style pooling reads the first token
+        tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
+    tmp = target.with_name(target.name + ".tmp")
+    fast.save_pretrained(tmp)
+    tmp.replace(target)  # atomic: a half-saved tokenizer is never picked up
+    return target
+
+
+# --- tokenization
+
+
+def tokenize_datasets(
+    cfg: TrainConfig, raw: datasets.DatasetDict, tokenizer: PreTrainedTokenizerBase
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Tokenized train and validation sets (cached by `datasets`: a second run re-tokenizes nothing)."""
+    text = cfg.text_column
+    common = {"batched": True, "num_proc": cfg.preprocessing_num_workers, "load_from_cache_file": True}
+    if cfg.task == "causal_lm":
+        eos = tokenizer.eos_token_id
+        block = cfg.block_size
+
+        def tokenize(batch):
+            ids = tokenizer(batch[text], add_special_tokens=False)["input_ids"]
+            return {"input_ids": [x + [eos] for x in ids]}  # EOS separates documents in the stream
+
+        def group(batch):
+            flat = [t for ids in batch["input_ids"] for t in ids]
+            usable = len(flat) // block * block
+            chunks = [flat[i : i + block] for i in range(0, usable, block)]
+            return {"input_ids": chunks, "labels": [c[:] for c in chunks]}
+
+        out = {}
+        for split, ds in raw.items():
+            tok = ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
+            out[split] = tok.map(group, desc=f"group into {block}-token blocks", **common)
+    else:
+        labels = cfg.label_column
+
+        def tokenize(batch):
+            enc = tokenizer(batch[text], truncation=True, max_length=cfg.max_seq_length)
+            enc["labels"] = batch[labels]
+            return enc
+
+        out = {}
+        for split, ds in raw.items():
+            ds = ds.class_encode_column(labels) if ds.features[labels].dtype == "string" else ds
+            out[split] = ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
+            top = max(out[split]["labels"])
+            if top >= cfg.num_labels or min(out[split]["labels"]) < 0:
+                raise UserError(f"--num_labels {cfg.num_labels}: the {split} data has label {top}")
+    train, val = out["train"], out["validation"]
+    if len(train) == 0:
+        raise UserError(f"training data yields no {cfg.block_size}-token block (lower --block_size)")
+    if cfg.max_train_samples:
+        train = train.select(range(min(cfg.max_train_samples, len(train))))
+    if cfg.max_eval_samples:
+        val = val.select(range(min(cfg.max_eval_samples, len(val))))
+    return train.with_format("torch"), val.with_format("torch")
+
+
+# --- loaders
+
+
+def build_dataloaders(
+    cfg: TrainConfig, train: datasets.Dataset, val: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
+) -> tuple[DataLoader, DataLoader]:
+    collate = default_data_collator if cfg.task == "causal_lm" else DataCollatorWithPadding(tokenizer)
+    common = {"collate_fn": collate, "num_workers": cfg.dataloader_num_workers}
+    train_dl = DataLoader(
+        train,
+        shuffle=True,
+        batch_size=cfg.per_device_train_batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+        **common,
+    )
+    eval_dl = DataLoader(
+        val, batch_size=cfg.per_device_eval_batch_size, generator=torch.Generator().manual_seed(cfg.seed), **common
+    )
+    return train_dl, eval_dl

@@ -1,0 +1,128 @@
+"""Evaluation metrics, the per-step training log, trivial baselines and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+@torch.no_grad()
+def evaluate(
+    accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, task: str, should_abort: Callable[[], bool]
+) -> dict[str, float] | None:
+    """Metrics over the whole validation set, gathered across processes; None if every rank agreed to abort.
+
+    Evaluation draws no random numbers (eval mode, a loader with its own generator), so running it or not
+    leaves training bit-for-bit the same.
+    """
+    was_training = model.training
+    model.eval()
+    parts: list[tuple[torch.Tensor, ...]] = []
+    try:
+        for batch in loader:
+            flag = torch.tensor([float(should_abort())], device=accelerator.device)
+            if accelerator.reduce(flag, "sum").item() > 0:  # every rank breaks at the same batch
+                return None
+            out = model(**batch)
+            if task == "causal_lm":
+                logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
+                nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+                mask = (labels != -100).float()
+                parts.append(accelerator.gather_for_metrics(((nll * mask).sum(1), mask.sum(1))))
+            else:
+                loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+                parts.append(accelerator.gather_for_metrics((loss, out.logits.argmax(-1), batch["labels"])))
+    finally:
+        model.train(was_training)
+    cols = [torch.cat(c).cpu() for c in zip(*parts)]
+    if task == "causal_lm":
+        loss = (cols[0].sum() / cols[1].sum()).item()
+        return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
+    return {"eval/loss": cols[0].mean().item(), **classification_scores(cols[2].tolist(), cols[1].tolist())}
+
+
+def classification_scores(labels: list[int], preds: list[int]) -> dict[str, float]:
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    binary = len(set(labels) | set(preds)) <= 2
+    p, r, f, _ = precision_recall_fscore_support(
+        labels, preds, average="binary" if binary else "macro", zero_division=0
+    )
+    return {"eval/accuracy": accuracy_score(labels, preds), "eval/precision": p, "eval/recall": r, "eval/f1": f}
+
+
+def baselines(task: str, train, val) -> dict[str, float]:
+    """What a model that learned nothing would score: unigram perplexity, or the majority-class F1."""
+    if task == "causal_lm":
+        train_ids = train.select_columns(["input_ids"])[:]["input_ids"].flatten()
+        val_ids = val.select_columns(["input_ids"])[:]["input_ids"][
+            :, 1:
+        ].flatten()  # the tokens the model is scored on
+        counts = torch.bincount(train_ids, minlength=int(max(train_ids.max(), val_ids.max())) + 1).double() + 1.0
+        logp = (counts / counts.sum()).log()
+        return {"baseline/unigram_perplexity": math.exp(-logp[val_ids].mean().item())}
+    labels = train.select_columns(["labels"])[:]["labels"].tolist()
+    majority = max(set(labels), key=labels.count)
+    val_labels = val.select_columns(["labels"])[:]["labels"].tolist()
+    scores = classification_scores(val_labels, [majority] * len(val_labels))
+    return {"baseline/majority_f1": scores["eval/f1"], "baseline/majority_accuracy": scores["eval/accuracy"]}
+
+
+class TrainLog:
+    """`train_log.jsonl`: one record per optimizer step and per evaluation (main process only)."""
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.path = Path(output_dir) / TRAIN_LOG
+
+    def truncate_after(self, step: int) -> None:
+        """Forget records past `step`: they came from work the resumed run is about to redo."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.read_lines() if json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, self.path)
+
+    def read_lines(self) -> list[str]:
+        lines = self.path.read_text().splitlines(keepends=True) if self.path.exists() else []
+        return [ln for ln in lines if ln.endswith("\n")]  # a line cut by a kill is dropped
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.read_lines()]
+
+    def append(self, record: dict) -> None:
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+
+def plot_loss_curve(log: TrainLog, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = log.records()
+    train = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+    evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train/loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval/loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,119 @@
+"""Stop requests: signals and budgets set a flag; the loop acts on it at an optimizer-step boundary.
+
+The handler never saves (saving inside a handler can deadlock on locks the interrupted code holds, and the RNG
+would be captured mid-step). All ranks must agree to stop at the same step: the flag travels in the one
+all-reduce the loop already does every step for the loss, so agreement costs no extra collective.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from resumable.errors import UserError
+
+EXIT_FINISHED = 0
+EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved, run the same command again to continue
+RUN_STATUS_FILE = "run_status.json"
+
+
+def parse_signals(text: str) -> list[signal.Signals]:
+    """'SIGTERM,USR1' -> [SIGTERM, SIGUSR1]; empty string -> []."""
+    out = []
+    for name in filter(None, (s.strip().upper() for s in text.split(","))):
+        name = name if name.startswith("SIG") else "SIG" + name
+        if not hasattr(signal.Signals, name) or name in ("SIGKILL", "SIGSTOP"):
+            raise UserError(f"--stop_signals: {name} is not a signal that can be caught")
+        out.append(signal.Signals[name])
+    return out
+
+
+class StopRequest:
+    """Why this run should stop at the next step boundary (None: keep going)."""
+
+    def __init__(self, signals: list[signal.Signals], max_run_time: float | None = None, max_steps_per_run: int = 0):
+        self.signals = signals
+        self.max_run_time = max_run_time
+        self.max_steps_per_run = max_steps_per_run
+        self.started = time.monotonic()
+        self.reason: str | None = None
+        self.signal_time: float | None = None
+        self.slowest_save = 0.0  # seconds; the budget leaves room for one more save of this length
+        self.slowest_step = 0.0
+
+    def install(self) -> StopRequest:
+        for sig in self.signals:
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            # Second Ctrl+C: the user means it. The commit protocol keeps the last checkpoint safe.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        if self.reason is None:
+            self.reason = f"received {name}"
+            self.signal_time = time.monotonic()
+            print(
+                f"[resumable] {name} received: will checkpoint and stop at the end of this step",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def note_step(self, seconds: float) -> None:
+        self.slowest_step = max(self.slowest_step, seconds)
+
+    def note_save(self, seconds: float) -> None:
+        self.slowest_save = max(self.slowest_save, seconds)
+
+    def check_budgets(self, steps_this_run: int) -> None:
+        """Turn an exhausted budget into a stop request (local decision; ranks agree through the step all-reduce)."""
+        if self.reason is not None:
+            return
+        if self.max_steps_per_run and steps_this_run >= self.max_steps_per_run:
+            self.reason = f"--max_steps_per_run {self.max_steps_per_run} reached"
+        elif self.max_run_time is not None:
+            elapsed = time.monotonic() - self.started
+            # Leave room for one more step and the save, with a 1.5x margin for noise.
+            if elapsed + 1.5 * (self.slowest_step + self.slowest_save) >= self.max_run_time:
+                self.reason = f"--max_run_time budget ({self.max_run_time:.0f}s) nearly used"
+
+    @property
+    def local_flag(self) -> bool:
+        return self.reason is not None
+
+
+def write_run_status(output_dir: str | os.PathLike, status: str, exit_code: int, step: int, reason: str = "") -> None:
+    """Record how this run ended. `accelerate launch` turns any non-zero exit into 1, so wrappers read this file."""
+    path = Path(output_dir) / RUN_STATUS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "step": step, "reason": reason}) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m resumable.preemption OUTPUT_DIR`: print the last run status and exit with its code.
+
+    0 = finished, 75 = checkpointed and needs another run, 1 = no status (the run crashed before writing one).
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m resumable.preemption OUTPUT_DIR", file=sys.stderr)
+        return 2
+    path = Path(argv[0]) / RUN_STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError):
+        print(f"no readable {path}: the run crashed or never started", file=sys.stderr)
+        return 1
+    print(f"{status['status']} at step {status['step']} {status.get('reason', '')}".rstrip())
+    return int(status["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
