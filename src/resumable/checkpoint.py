@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,12 @@ class Progress:
     world_size: int = 1
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
+
+
+def inject_fault(point: str, step: int) -> None:
+    """Chaos testing: RESUMABLE_FAULT=point:step makes this process SIGKILL itself there (a real, uncatchable kill)."""
+    if os.environ.get("RESUMABLE_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_name(step: int) -> str:
@@ -100,6 +107,7 @@ def save_checkpoint(
         for p in tmp.iterdir():  # other ranks' files too: one fsync pass on the node that commits
             with open(p, "rb") as fh:
                 os.fsync(fh.fileno())
+        inject_fault("kill_before_manifest", progress.step)
         manifest = {
             "format": FORMAT,
             "step": progress.step,

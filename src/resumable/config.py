@@ -190,7 +190,7 @@ def parse_duration(text: str) -> float:
 
 class _Parser(HfArgumentParser):
     def error(self, message: str):  # argparse would print usage + exit; we want one line
-        raise UserError(message)
+        raise UserError(re.sub(r"(--\w+)/--[\w-]+", r"\1", message))  # drop the --dash-alias HF adds
 
 
 def field_names() -> list[str]:
@@ -235,7 +235,7 @@ def _peek_config(argv: list[str]) -> str | None:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse defaults < --config YAML < flags into a validated `TrainConfig`; raise `UserError` on any mistake."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(TrainConfig)
+    parser = _Parser(TrainConfig, allow_abbrev=False)  # --learning must not silently mean --learning_rate
     config_path = _peek_config(argv)
     yaml_flags = _yaml_flags(config_path) if config_path else []
     if yaml_flags:  # type-check the file's values alone first, so errors name the file
@@ -259,6 +259,14 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(root).expanduser()
 
 
-def defaults() -> dict[str, Any]:
-    """Field name -> default value (for docs and tests)."""
-    return {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+def flags_markdown() -> str:
+    """The README's flag table, generated from the dataclass so the two never drift apart."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(TrainConfig):
+        default = "" if f.default is MISSING or f.default is None else f"`{f.default}`"
+        rows.append(f"| `--{f.name}` | {default} | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":  # python -m resumable.config --markdown
+    print(flags_markdown(), end="")

@@ -15,6 +15,7 @@ import shutil
 import sys
 import sysconfig
 import textwrap
+import warnings
 from pathlib import Path
 
 TEST_DIRS = {"test", "tests", "idle_test"}
@@ -85,7 +86,9 @@ def build_lm_corpus(cache: Path, validation_percentage: int = 5) -> dict[str, Pa
 def _functions(path: Path, rel: str) -> list[dict]:
     try:
         source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
+        with warnings.catch_warnings():  # old escape sequences in the stdlib's own test data
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
         return []  # the stdlib ships a few deliberately broken files for its own tests
     lines = source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: quadratic

@@ -156,7 +156,11 @@ def tokenize_datasets(
 
         out = {}
         for split, ds in raw.items():
-            ds = ds.class_encode_column(labels) if ds.features[labels].dtype == "string" else ds
+            dtype = ds.features[labels].dtype
+            if dtype == "string":  # e.g. "positive"/"negative" in a CSV
+                ds = ds.class_encode_column(labels)
+            elif dtype == "bool":  # e.g. CodeXGLUE defect detection's `target`
+                ds = ds.cast_column(labels, datasets.Value("int64"))
             out[split] = ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
             top = max(out[split]["labels"])
             if top >= cfg.num_labels or min(out[split]["labels"]) < 0:

@@ -32,7 +32,7 @@ def build_model_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> 
     else:
         default_type, tiny = TINY[cfg.task]
         model_type = cfg.model_type or default_type
-        sizes = tiny if cfg.model_type in (None, default_type) else {}
+        sizes = tiny if cfg.model_type is None else {}  # an explicit --model_type gets its library defaults
         try:
             config = AutoConfig.for_model(model_type, **sizes, **extra)
         except ValueError:
