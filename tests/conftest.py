@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -65,7 +66,9 @@ def cache_dir(tmp_path_factory) -> Path:
 class Run:
     """A training command run in new processes, tagged so that every process it spawns can be found and killed."""
 
-    def __init__(self, args: list[str], output_dir: Path, cache: Path, launcher: str = "python", env: dict | None = None):
+    def __init__(
+        self, args: list[str], output_dir: Path, cache: Path, launcher: str = "python", env: dict | None = None
+    ):
         self.output_dir = Path(output_dir)
         self.tag = uuid.uuid4().hex
         self.env = {**os.environ, "RESUMABLE_TEST_TAG": self.tag, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -105,10 +108,8 @@ class Run:
 
     def signal_all(self, sig: int) -> None:
         for pid in self.pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
 
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
         """Block until the training log shows optimizer step `step` (or the run ended)."""
@@ -117,7 +118,9 @@ class Run:
             if logged_steps(self.output_dir) and logged_steps(self.output_dir)[-1] >= step:
                 return
             if self.proc.poll() is not None:
-                raise AssertionError(f"run ended (rc={self.proc.returncode}) before step {step}:\n{self.proc.stdout.read()}")
+                raise AssertionError(
+                    f"run ended (rc={self.proc.returncode}) before step {step}:\n{self.proc.stdout.read()}"
+                )
             time.sleep(0.005)
         raise AssertionError(f"step {step} not reached in {timeout}s")
 

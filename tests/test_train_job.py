@@ -13,7 +13,15 @@ pytestmark = pytest.mark.slow
 
 def test_make_train_job_at_reduced_steps_completes_with_all_outputs(tmp_path, cache_dir):
     out = tmp_path / "tiny_lm"
-    cmd = [ACCELERATE, "launch", "--config_file", "accelerate_configs/cpu.yaml", TRAIN, "--config", "configs/tiny_lm.yaml"]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        "accelerate_configs/cpu.yaml",
+        TRAIN,
+        "--config",
+        "configs/tiny_lm.yaml",
+    ]
     args = ["--max_steps", "12", "--eval_steps", "6", "--checkpointing_steps", "5", "--max_eval_samples", "32"]
     env_cmd = [*cmd, *args, "--output_dir", str(out), "--cache_dir", str(cache_dir)]
     ok(subprocess.run(env_cmd, capture_output=True, text=True, cwd=REPO, timeout=600))
