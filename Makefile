@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train train-ddp test test-quick lint format bench clean
+.PHONY: train train-ddp test test-quick lint format docs bench clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+docs: $(STAMP)  ## regenerate the README's flag table from the config dataclass
+	$(BIN)/python -m resumable.config README.md
 
 bench: $(STAMP)  ## harness overhead vs a raw PyTorch loop
 	$(BIN)/python benchmarks/throughput.py $(ARGS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import secrets
 import sys
 import time
@@ -20,19 +19,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.checkpoint import (
     Progress,
-    find_best_checkpoint,
+    check_settings,
     find_latest_checkpoint,
     load_checkpoint,
-    prune_checkpoints,
     save_checkpoint,
     step_name,
 )
 from resumable.config import TrainConfig, parse_config, parse_duration
-from resumable.errors import exit_on_user_error
+from resumable.errors import UserError, exit_on_user_error
+from resumable.export import COMPLETE, finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
-from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, parse_signals, write_run_status
-
-COMPLETE = "COMPLETE"
+from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
+from resumable.retention import RetentionPolicy, best_checkpoint, prune_checkpoints
 
 
 def resolve_resume(cfg: TrainConfig) -> Path | None:
@@ -43,7 +41,10 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
     if r in ("auto", "latest"):
         return find_latest_checkpoint(cfg.checkpoints_dir)
     if r == "best":
-        return find_best_checkpoint(cfg.checkpoints_dir)
+        best = best_checkpoint(cfg.checkpoints_dir, RetentionPolicy.from_config(cfg))
+        if best is None:
+            raise UserError(f"--resume_from_checkpoint best: no valid checkpoint in {cfg.checkpoints_dir} has a metric")
+        return best
     return Path(r)
 
 
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{out} is already complete (final model in {out / 'final'}); nothing to do.")
         return EXIT_FINISHED
     resume_dir = resolve_resume(cfg)  # before any import-heavy work: bad input fails fast
+    if resume_dir is not None:
+        check_settings(resume_dir, cfg.resume_settings())
 
     enable_cpu_distributed()
     import torch
@@ -64,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from resumable.data import build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
-    from resumable.metrics import TrainLog, baselines, evaluate, plot_loss_curve
+    from resumable.data import batches_to_skip, build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
+    from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
     from resumable.modeling import build_model
 
     # --- accelerator
@@ -114,19 +117,32 @@ def main(argv: list[str] | None = None) -> int:
     scheduler = accelerator.prepare(scheduler)
 
     # --- resume
+    bs = cfg.per_device_train_batch_size
     progress = Progress(tracker_run_id=secrets.token_hex(4), world_size=world)
     resume_msg = ""
     if resume_dir is not None:
-        progress = load_checkpoint(accelerator, resume_dir)
+        progress = load_checkpoint(accelerator, resume_dir, cfg.seed)
+        saved = (progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps)
+        skip, note = batches_to_skip(saved, (world, bs, ga), progress.samples_in_epoch, progress.batches_in_epoch)
+        if note:
+            accelerator.print(note)
+        if saved[0] * saved[1] * saved[2] != world * bs * ga:
+            accelerator.print(
+                f"WARNING: global batch changed from {saved[0] * saved[1] * saved[2]} to {world * bs * ga}"
+            )
+        progress.batches_in_epoch = skip
         resume_msg = (
             f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
             f"batch {progress.batches_in_epoch}/{batches_per_epoch} of the epoch"
         )
-    progress.world_size = world
-    progress.per_device_train_batch_size, progress.gradient_accumulation_steps = cfg.per_device_train_batch_size, ga
-    train_log = TrainLog(out)
+    progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = world, bs, ga
+    train_log = TrainLog(out / "train_log.jsonl")
     if is_main:
         train_log.truncate_after(progress.step)  # records past the checkpoint are about to be redone
+    samples_log = TrainLog(out / "samples" / f"rank{accelerator.process_index}.jsonl") if cfg.record_samples else None
+    if samples_log:
+        samples_log.truncate_after(progress.step)
+    policy = RetentionPolicy.from_config(cfg)
     settings = {k: v for k, v in vars(cfg).items() if v is not None}
     accelerator.init_trackers(
         cfg.project_name, config=settings, init_kwargs={"wandb": {"id": progress.tracker_run_id, "resume": "allow"}}
@@ -135,11 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_eval() -> bool:
         """Evaluate at `progress.step`; False if a stop request interrupted it (it is re-run on resume)."""
+        inject_fault("sigterm_before_eval", progress.step)
         metrics = evaluate(accelerator, model, eval_dl, cfg.task, lambda: stop.local_flag)
         progress.eval_pending = metrics is None
         if metrics is None:
             return False
-        progress.last_eval = metrics
+        progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[cfg.metric_for_best_model]
         best = progress.best_metric
         if best is None or (value > best if cfg.greater_is_better else value < best):
@@ -154,12 +171,11 @@ def main(argv: list[str] | None = None) -> int:
         if last_saved == progress.step:
             return
         t0 = time.perf_counter()
-        save_checkpoint(accelerator, cfg.checkpoints_dir, progress)
+        save_checkpoint(accelerator, cfg.checkpoints_dir, progress, {"settings": cfg.resume_settings()})
         stop.note_save(time.perf_counter() - t0)
         last_saved = progress.step
         if is_main:
-            keep = {step_name(progress.best_step)} if progress.best_step is not None else set()
-            prune_checkpoints(cfg.checkpoints_dir, cfg.save_total_limit, protect=keep)
+            prune_checkpoints(cfg.checkpoints_dir, policy)
 
     # --- training loop
     interrupted = progress.eval_pending and not run_eval()
@@ -182,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
                 resume_msg = ""
             window = min(ga, batches_per_epoch - micro // ga * ga)  # the epoch's last window may be short
             last_micro = micro % ga == window - 1
+            if samples_log:
+                samples_log.append(
+                    {"step": progress.step + 1, "epoch": progress.epoch, "samples": example_hashes(batch)}
+                )
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
                 loss = model(**batch).loss / window  # scaled by the real window size, not ga
                 accelerator.backward(loss)
@@ -198,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             steps_this_run += 1
-            progress.samples_seen += window * cfg.per_device_train_batch_size * world
+            progress.samples_seen += window * bs * world
+            progress.samples_in_epoch += window * bs * world
             progress.batches_in_epoch = micro
             if micro == batches_per_epoch:
-                progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+                progress.epoch, progress.batches_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
             stop.note_step(time.perf_counter() - t_step)
             stop.check_budgets(steps_this_run)
             # one all-reduce carries both the loss and the stop flag: ranks agree on the stop step for free
@@ -213,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             lr = scheduler.get_last_lr()[0]
             # --- log, evaluate, save
             if is_main:
-                train_log.append({"step": progress.step, "epoch": progress.epoch, "train/loss": step_loss, "lr": lr})
+                record = {"step": progress.step, "epoch": progress.epoch, "train/loss": step_loss, "lr": lr}
+                train_log.append({**record, "time": round(time.time(), 4)})
             if progress.step % cfg.logging_steps == 0:
                 accelerator.log({"train/loss": step_loss, "lr": lr}, step=progress.step)
             bar.update(1)
@@ -221,14 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             done = progress.step >= total_steps
             if not stopping and (done or (cfg.eval_steps and progress.step % cfg.eval_steps == 0)):
                 interrupted = not run_eval()
-            epoch_end = progress.batches_in_epoch == 0
-            if (
-                done
-                or stopping
-                or interrupted
-                or epoch_end
-                or (cfg.checkpointing_steps and progress.step % cfg.checkpointing_steps == 0)
-            ):
+            new_best = cfg.keep_best > 0 and progress.best_step == progress.step  # the best model is never lost
+            periodic = cfg.checkpointing_steps and progress.step % cfg.checkpointing_steps == 0
+            if done or stopping or interrupted or progress.batches_in_epoch == 0 or periodic or new_best:
                 save()
             if done or stopping or interrupted:
                 break
@@ -246,34 +263,15 @@ def main(argv: list[str] | None = None) -> int:
             f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved. Run the same command to resume."
         )
         if is_main:
-            write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, stop.reason or "")
+            elapsed = time.monotonic() - stop.started
+            write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, reason=stop.reason or "", elapsed=elapsed)
         accelerator.end_training()
         return EXIT_REQUEUE
     save()
     if is_main:
-        final = out / "final"
-        tmp = out / ".tmp-final"
-        accelerator.unwrap_model(model).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if final.exists():
-            os.replace(final, out / ".old-final")
-        os.replace(tmp, final)
-        import shutil
-
-        shutil.rmtree(out / ".old-final", ignore_errors=True)
-        final_metrics = {
-            "step": progress.step,
-            "epoch": progress.epoch,
-            "samples_seen": progress.samples_seen,
-            **progress.last_eval,
-            **baselines(cfg.task, train_ds, eval_ds),
-            "best_metric": progress.best_metric,
-            "best_step": progress.best_step,
-        }
-        (out / "final_metrics.json").write_text(json.dumps(final_metrics, indent=1) + "\n")
-        plot_loss_curve(train_log, out / "loss_curve.png")
-        (out / COMPLETE).write_text(json.dumps({"step": progress.step}) + "\n")
-        write_run_status(out, "finished", EXIT_FINISHED, progress.step)
+        final_metrics = finish_run(
+            out, accelerator.unwrap_model(model), tokenizer, progress, baselines(cfg.task, train_ds, eval_ds)
+        )
         print(json.dumps(final_metrics))
     accelerator.end_training()
     return EXIT_FINISHED

@@ -131,5 +131,5 @@ def test_user_error_is_one_line_exit_2_no_traceback_and_touches_nothing(tmp_path
 
 def test_readme_flag_table_matches_the_dataclass():
     readme = (REPO / "README.md").read_text()
-    assert flags_markdown() in readme, "README.md's flag table is stale: paste `python -m resumable.config`"
+    assert flags_markdown() in readme, "README.md's flag table is stale: run `make docs`"
     assert all(f"`--{name}`" in readme for name in field_names())

@@ -45,7 +45,7 @@ def test_resume_mid_epoch_in_a_later_epoch_is_bitwise_exact(tmp_path, tmp_path_f
 
 def test_resume_at_an_epoch_boundary_is_bitwise_exact(tmp_path, tmp_path_factory, cache_dir):
     ref = reference(tmp_path_factory, cache_dir, TINY_LM)
-    args = [*TINY_LM, "--checkpointing_steps", "0"]  # checkpoints only at epoch ends: 9, 18, 27
+    args = [*TINY_LM, "--checkpointing_steps", "0", "--keep_best", "0"]  # checkpoints only at epoch ends: 9, 18
     out, survivors, _ = kill_and_resume(tmp_path, cache_dir, args, kill_after_step=11)
     assert max(survivors) in (9, 18)
     assert_bitwise_same_run(ref, out)
@@ -117,8 +117,9 @@ def test_kill_during_checkpoint_write_resumes_from_previous_complete_one(tmp_pat
     crashed = Run(TINY_LM, out, cache_dir, env={"RESUMABLE_FAULT": "kill_before_manifest:12"}).run()
     assert crashed.returncode == -9
     assert (out / "checkpoints" / ".tmp-step-00000012" / "model.safetensors").exists()
-    assert checkpoint_steps(out) == [4, 8, 9]
+    survivors = checkpoint_steps(out)
+    assert 12 not in survivors and {4, 8, 9} <= set(survivors)
     result = ok(Run(TINY_LM, out, cache_dir).run())
-    assert "Resuming from" in result.stderr + result.stdout and "step-00000009" in result.stderr + result.stdout
+    assert f"Resuming from {out / 'checkpoints' / f'step-{max(survivors):08d}'}" in result.stderr + result.stdout
     assert not (out / "checkpoints" / ".tmp-step-00000012").exists()  # the half-written folder is cleaned up
     assert_bitwise_same_run(ref, out)

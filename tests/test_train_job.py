@@ -32,7 +32,7 @@ def test_make_train_job_at_reduced_steps_completes_with_all_outputs(tmp_path, ca
     assert list((out / "runs").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
     metrics = json.loads((out / "final_metrics.json").read_text())
     assert metrics["step"] == 12 and "eval/perplexity" in metrics and "baseline/unigram_perplexity" in metrics
-    assert checkpoint_steps(out) == [5, 10, 12]
+    assert checkpoint_steps(out) == [6, 10, 12]  # saved 5, 6 (new best), 10, 12; tiny_lm keeps the newest 3
     manifest = json.loads((out / "checkpoints" / "step-00000012" / "manifest.json").read_text())
     assert manifest["step"] == 12 and manifest["epoch"] == 0
     # The same command again: already complete, exit 0, nothing trained or rewritten.

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ import torch
 from accelerate import Accelerator
 
 from resumable.errors import UserError
+from resumable.preemption import inject_fault
 
 log = logging.getLogger("resumable")
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
@@ -37,21 +37,17 @@ class Progress:
     step: int = 0  # optimizer updates done
     epoch: int = 0  # epoch the next micro-batch belongs to
     batches_in_epoch: int = 0  # micro-batches each process has consumed in `epoch`
+    samples_in_epoch: int = 0  # examples consumed in `epoch`, all processes together (elastic resume)
     samples_seen: int = 0  # training examples consumed, all processes together
     best_metric: float | None = None
     best_step: int | None = None
     last_eval: dict = field(default_factory=dict)
+    last_eval_step: int | None = None
     eval_pending: bool = False  # an evaluation at `step` was interrupted; run it first on resume
     tracker_run_id: str = ""
     world_size: int = 1
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
-
-
-def inject_fault(point: str, step: int) -> None:
-    """Chaos testing: RESUMABLE_FAULT=point:step makes this process SIGKILL itself there (a real, uncatchable kill)."""
-    if os.environ.get("RESUMABLE_FAULT") == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def step_name(step: int) -> str:
@@ -104,36 +100,43 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _write_json(tmp / PROGRESS, asdict(progress))
-        for p in tmp.iterdir():  # other ranks' files too: one fsync pass on the node that commits
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
-        inject_fault("kill_before_manifest", progress.step)
-        manifest = {
-            "format": FORMAT,
-            "step": progress.step,
+        fields = {
             "epoch": progress.epoch,
+            "epochs_done": progress.epoch if progress.batches_in_epoch == 0 and progress.step else None,
             "samples_seen": progress.samples_seen,
             "world_size": accelerator.num_processes,
+            "per_device_train_batch_size": progress.per_device_train_batch_size,
+            "gradient_accumulation_steps": progress.gradient_accumulation_steps,
             "metrics": progress.last_eval,
-            "created": time.time(),
+            "metrics_step": progress.last_eval_step,
             "versions": {"torch": torch.__version__, **_lib_versions()},
             **(extra or {}),
-            "files": _hash_files(tmp),
         }
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
-        _write_json(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
-        if final.exists():  # the same step saved twice: replace, never leave a gap with no copy
-            trash = checkpoints_dir / f".trash-{final.name}"
-            shutil.rmtree(trash, ignore_errors=True)
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(checkpoints_dir)
+        commit_checkpoint(tmp, final, progress.step, fields)
     accelerator.wait_for_everyone()
     return final
+
+
+def commit_checkpoint(tmp: Path, final: Path, step: int, fields: dict) -> None:
+    """Make the files in `tmp` checkpoint `final`: fsync, manifest (sizes, sha256) written last, atomic rename."""
+    for p in tmp.iterdir():  # other ranks' files too: one fsync pass on the node that commits
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    inject_fault("kill_before_manifest", step)
+    inject_fault("sigterm_during_save", step)
+    manifest = {"format": FORMAT, "step": step, "created": time.time(), **fields, "files": _hash_files(tmp)}
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    _write_json(tmp / MANIFEST, manifest)
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved twice: replace, never leave a gap with no copy
+        trash = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
 
 
 def _lib_versions() -> dict[str, str]:
@@ -199,18 +202,6 @@ def find_latest_checkpoint(checkpoints_dir: Path, deep: bool = True) -> Path | N
     return None
 
 
-def find_best_checkpoint(checkpoints_dir: Path) -> Path | None:
-    """The valid checkpoint the newest valid one records as best."""
-    latest = find_latest_checkpoint(checkpoints_dir)
-    if latest is None:
-        return None
-    best_step = read_progress(latest).best_step
-    folder = checkpoints_dir / step_name(best_step) if best_step is not None else latest
-    if verify_checkpoint(folder) is not None:
-        raise UserError(f"--resume_from_checkpoint best: {folder} is missing or invalid")
-    return folder
-
-
 def read_progress(folder: Path) -> Progress:
     data = json.loads((folder / PROGRESS).read_text())
     known = Progress.__dataclass_fields__
@@ -220,45 +211,49 @@ def read_progress(folder: Path) -> Progress:
 # --- loading
 
 
-def load_checkpoint(accelerator: Accelerator, folder: Path) -> Progress:
-    """Restore model, optimizer, scheduler, scaler and this process's RNG from `folder`; return its progress."""
-    progress = read_progress(folder)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    if progress.world_size != world:
+def check_settings(folder: Path, settings: dict) -> None:
+    """Refuse to resume a checkpoint trained with a different model, task or data: list every mismatch."""
+    saved = read_manifest(folder).get("settings")
+    if saved is None:
+        return
+    diff = [
+        f"{k} (checkpoint: {saved.get(k)!r}, now: {settings.get(k)!r})"
+        for k in sorted(saved.keys() | settings.keys())
+        if saved.get(k) != settings.get(k)
+    ]
+    if diff:
         raise UserError(
-            f"{folder} was saved by {progress.world_size} process(es); resuming on {world} is not supported yet"
+            f"{folder} was trained with different settings: {'; '.join(diff)}; use another --output_dir or --resume_from_checkpoint none"
         )
-    rng_file = folder / f"random_states_{rank}.pkl"
-    if not rng_file.is_file():
-        raise UserError(f"{rng_file}: missing, cannot restore process {rank}'s random state")
-    accelerator.load_state(str(folder))
-    # accelerate only logs (at INFO) when RNG restore fails: a silent source of non-exact resumes. Check it.
-    from accelerate.utils import load
-
-    saved = load(rng_file)  # weights_only=True with numpy globals allow-listed
-    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
-        raise RuntimeError(f"{rng_file}: random state was not restored")
-    return progress
 
 
-# --- retention
+def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progress:
+    """Restore model, optimizer, scheduler, scaler and this process's RNG from `folder`; return its progress.
 
-
-def prune_checkpoints(checkpoints_dir: Path, keep_last: int | None, protect: set[str] = frozenset()) -> list[Path]:
-    """Delete the oldest checkpoints beyond `keep_last`, after a commit. Never deletes the newest valid one or `protect`.
-
-    Also removes leftovers of crashed saves. Main process only. Returns the deleted folders.
+    Elastic: a checkpoint from another number of processes loads too (model and optimizer state are the same on
+    every DDP rank). A rank with no saved RNG gets a seed derived from (seed, step, rank), logged.
     """
-    for junk in checkpoints_dir.glob(".t*-step-*"):  # .tmp-* and .trash-* from interrupted commits
-        shutil.rmtree(junk, ignore_errors=True)
-    if keep_last is None:
-        return []
-    folders = list_checkpoints(checkpoints_dir)
-    valid = [f for f in folders if verify_checkpoint(f, deep=False) is None]
-    keep = {f.name for f in valid[-keep_last:]} | set(protect)
-    if valid:
-        keep.add(valid[-1].name)
-    doomed = [f for f in valid if f.name not in keep]
-    for folder in doomed:
-        shutil.rmtree(folder)
-    return doomed
+    progress = read_progress(folder)
+    rank = accelerator.process_index
+    accelerator.load_state(str(folder))
+    rng_file = folder / f"random_states_{rank}.pkl"
+    if rng_file.is_file():
+        # accelerate only logs (at INFO) when RNG restore fails: a silent source of non-exact resumes. Check it.
+        from accelerate.utils import load
+
+        saved = load(rng_file)  # weights_only=True with numpy globals allow-listed
+        if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
+            raise RuntimeError(f"{rng_file}: random state was not restored")
+    else:
+        from accelerate.utils import set_seed
+
+        derived = (seed * 1_000_003 + progress.step * 7919 + rank) % 2**32
+        set_seed(derived)
+        log.warning(
+            "%s has no RNG state for process %d (saved by %d); seeded it with %d",
+            folder,
+            rank,
+            progress.world_size,
+            derived,
+        )
+    return progress

@@ -75,12 +75,15 @@ class TrainConfig:
     # --- Checkpoints, evaluation, logging
     output_dir: str | None = _f(None, "Where checkpoints, logs and the final model go (required).")
     checkpointing_steps: int = _f(500, "Save every N optimizer steps (0: only at epoch ends and the end).")
-    save_total_limit: int | None = _f(None, "Keep at most N rolling checkpoints (the newest and the best are kept).")
+    save_total_limit: int | None = _f(None, "Rolling pool: keep the newest N checkpoints (default: all).")
+    keep_epoch_every: int = _f(0, "Epoch pool: keep the epoch-end checkpoint of every k-th epoch; 0: off.")
+    keep_best: int = _f(1, "Best pool: keep the k best checkpoints by --metric_for_best_model; 0: off.")
     resume_from_checkpoint: str = _f("auto", "auto | latest | best | none | a checkpoint path.")
     eval_steps: int = _f(500, "Evaluate every N optimizer steps (0: only at the end).")
     metric_for_best_model: str | None = _f(None, "Metric tracked as best, e.g. eval/f1; default eval/loss.")
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better; default: inferred from its name.")
     logging_steps: int = _f(10, "Log to trackers every N optimizer steps.")
+    record_samples: bool = _f(False, "Append a hash of every training example to samples/rank{R}.jsonl (audit).")
     report_to: Literal["tensorboard", "wandb", "all", "none"] = _f("tensorboard", "Experiment tracker.")
     project_name: str = _f("resumable", "Tracker project name.")
     # --- Preemption and budgets
@@ -100,6 +103,8 @@ class TrainConfig:
             "max_steps_per_run",
             "warmup_steps",
             "dataloader_num_workers",
+            "keep_epoch_every",
+            "keep_best",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
@@ -158,6 +163,14 @@ class TrainConfig:
     @property
     def checkpoints_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
+
+    def resume_settings(self) -> dict[str, Any]:
+        """What a checkpoint must have been trained with to be resumed: model, task, tokenizer, data, seed."""
+        keys = ("task", "model_name_or_path", "model_type", "config_overrides", "tokenizer_name", "vocab_size",
+                "num_labels", "dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
+                "label_column", "validation_split_percentage", "block_size", "max_seq_length", "max_train_samples",
+                "seed")  # fmt: skip
+        return {k: getattr(self, k) for k in keys}
 
 
 def _require(ok: Any, message: str) -> None:
@@ -268,5 +281,16 @@ def flags_markdown() -> str:
     return "\n".join(rows) + "\n"
 
 
-if __name__ == "__main__":  # python -m resumable.config --markdown
-    print(flags_markdown(), end="")
+def update_readme(path: Path) -> None:
+    """Replace the table between the flag markers in README.md."""
+    text = path.read_text()
+    start, end = "<!-- flags:start -->\n", "<!-- flags:end -->"
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + flags_markdown() + end + rest.split(end, 1)[1])
+
+
+if __name__ == "__main__":  # python -m resumable.config [README.md]
+    if len(sys.argv) > 1:
+        update_readme(Path(sys.argv[1]))
+    else:
+        print(flags_markdown(), end="")

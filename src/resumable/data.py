@@ -194,3 +194,24 @@ def build_dataloaders(
         val, batch_size=cfg.per_device_eval_batch_size, generator=torch.Generator().manual_seed(cfg.seed), **common
     )
     return train_dl, eval_dl
+
+
+def batches_to_skip(saved_layout: tuple[int, int, int], layout: tuple[int, int, int], samples_in_epoch: int,
+                    batches_in_epoch: int) -> tuple[int, str]:  # fmt: skip
+    """Micro-batches each process skips to resume the epoch, for a (world size, batch, accumulation) layout.
+
+    The shuffle order is the same permutation whatever the layout; the position is kept in samples, so a
+    different number of processes or per-device batch resumes at the same sample. Returns (skip, note).
+    """
+    if saved_layout[:2] == layout[:2]:
+        return batches_in_epoch, ""
+    world, batch, accumulation = layout
+    skip, extra = divmod(samples_in_epoch, world * batch)
+    note = (
+        f"elastic resume: saved as {saved_layout[0]} process(es) x batch {saved_layout[1]} x accumulation "
+        f"{saved_layout[2]}, now {world} x {batch} x {accumulation}; {samples_in_epoch} samples into the epoch "
+        f"= {skip} batches per process"
+    )
+    if extra:
+        note += f" ({extra} samples of the next batch will be seen again)"
+    return skip, note

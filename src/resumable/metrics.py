@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
-TRAIN_LOG = "train_log.jsonl"
-
 
 @torch.no_grad()
 def evaluate(
@@ -79,10 +77,11 @@ def baselines(task: str, train, val) -> dict[str, float]:
 
 
 class TrainLog:
-    """`train_log.jsonl`: one record per optimizer step and per evaluation (main process only)."""
+    """An append-only JSONL log keyed by optimizer step: `train_log.jsonl` (main process), `samples/rank{R}.jsonl`."""
 
-    def __init__(self, output_dir: str | os.PathLike):
-        self.path = Path(output_dir) / TRAIN_LOG
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """Forget records past `step`: they came from work the resumed run is about to redo."""
@@ -103,6 +102,15 @@ class TrainLog:
     def append(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+
+
+def example_hashes(batch: dict) -> list[str]:
+    """A short content hash per training example (padding excluded): which data each step saw, without ids."""
+    import hashlib
+
+    ids, mask = batch["input_ids"].cpu(), batch.get("attention_mask")
+    rows = [row[m.bool()] if mask is not None else row for row, m in zip(ids, mask.cpu() if mask is not None else ids)]
+    return [hashlib.sha1(r.numpy().tobytes()).hexdigest()[:16] for r in rows]
 
 
 def plot_loss_curve(log: TrainLog, path: Path) -> None:

@@ -32,14 +32,28 @@ def parse_signals(text: str) -> list[signal.Signals]:
     return out
 
 
+def _process_start() -> float:
+    """This process's start on the monotonic clock: a budget also covers the seconds spent importing."""
+    import psutil
+
+    age = time.time() - psutil.Process().create_time()
+    return time.monotonic() - max(age, 0.0)
+
+
 class StopRequest:
     """Why this run should stop at the next step boundary (None: keep going)."""
 
-    def __init__(self, signals: list[signal.Signals], max_run_time: float | None = None, max_steps_per_run: int = 0):
+    def __init__(
+        self,
+        signals: list[signal.Signals],
+        max_run_time: float | None = None,
+        max_steps_per_run: int = 0,
+        started: float | None = None,
+    ):
         self.signals = signals
         self.max_run_time = max_run_time
         self.max_steps_per_run = max_steps_per_run
-        self.started = time.monotonic()
+        self.started = _process_start() if started is None else started
         self.reason: str | None = None
         self.signal_time: float | None = None
         self.slowest_save = 0.0  # seconds; the budget leaves room for one more save of this length
@@ -88,11 +102,21 @@ class StopRequest:
         return self.reason is not None
 
 
-def write_run_status(output_dir: str | os.PathLike, status: str, exit_code: int, step: int, reason: str = "") -> None:
+def inject_fault(point: str, step: int) -> None:
+    """Chaos testing: RESUMABLE_FAULT=point:step delivers a real signal to this process at that point.
+
+    Points are named by the signal: `kill_before_manifest` (SIGKILL, uncatchable), `sigterm_during_save`, ...
+    """
+    if os.environ.get("RESUMABLE_FAULT") == f"{point}:{step}":
+        sig = signal.SIGKILL if point.startswith("kill_") else signal.SIGTERM
+        os.kill(os.getpid(), sig)
+
+
+def write_run_status(output_dir: str | os.PathLike, status: str, exit_code: int, step: int, **extra) -> None:
     """Record how this run ended. `accelerate launch` turns any non-zero exit into 1, so wrappers read this file."""
     path = Path(output_dir) / RUN_STATUS_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "step": step, "reason": reason}) + "\n")
+    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "step": step, **extra}) + "\n")
     os.replace(tmp, path)
 
 

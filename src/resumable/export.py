@@ -1,0 +1,46 @@
+"""The end of a run: the final model in `save_pretrained` form, final metrics, the loss curve, the completion marker."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from resumable.checkpoint import Progress
+from resumable.metrics import TrainLog, plot_loss_curve
+from resumable.preemption import EXIT_FINISHED, write_run_status
+
+COMPLETE = "COMPLETE"
+
+
+def save_pretrained_atomically(model, tokenizer, target: Path) -> None:
+    """`save_pretrained` into a temporary folder, then swap it in: a kill never leaves a half-written model."""
+    tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: dict) -> dict:
+    """Write final/, final_metrics.json, loss_curve.png, then COMPLETE last. Main process only."""
+    save_pretrained_atomically(model, tokenizer, out / "final")
+    metrics = {
+        "step": progress.step,
+        "epoch": progress.epoch,
+        "samples_seen": progress.samples_seen,
+        **progress.last_eval,
+        **extra_metrics,
+        "best_metric": progress.best_metric,
+        "best_step": progress.best_step,
+    }
+    (out / "final_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    plot_loss_curve(TrainLog(out / "train_log.jsonl"), out / "loss_curve.png")
+    (out / COMPLETE).write_text(json.dumps({"step": progress.step}) + "\n")
+    write_run_status(out, "finished", EXIT_FINISHED, progress.step)
+    return metrics

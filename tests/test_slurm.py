@@ -1,0 +1,136 @@
+"""scripts/slurm/train.sbatch on a real single-node Slurm: USR1 -> checkpoint -> requeue -> resume, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_LM, Run, assert_bitwise_same_run, checkpoint_steps, logged_steps, ok
+
+pytestmark = pytest.mark.slow
+
+SLURM_SCRIPTS = REPO / "tests" / "slurm"
+SBIN_PATH = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"  # the daemons live in sbin, not on every PATH
+
+
+def _install_slurm() -> str:
+    """Install Slurm if missing (CI runs as root on a fresh machine); return why it is unavailable, or ''."""
+    if shutil.which("slurmctld", path=SBIN_PATH):
+        return ""
+    if os.geteuid() != 0:
+        return "needs Slurm (slurmctld) installed, or root to install it and run a throw-away cluster"
+    if not shutil.which("apt-get"):
+        return "slurmctld missing and no apt-get to install slurm-wlm"
+    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for attempt in ([install], [["apt-get", "update", "-q"], install]):  # update only if the plain install fails
+        if all(subprocess.run(cmd, env=env, capture_output=True, timeout=600).returncode == 0 for cmd in attempt):
+            break
+    return "" if shutil.which("slurmctld", path=SBIN_PATH) else "apt-get could not install slurm-wlm and munge"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A throw-away Slurm cluster on localhost; yields the environment its clients need (SLURM_CONF)."""
+    why = _install_slurm()
+    if why:
+        pytest.skip(why)
+    if os.geteuid() != 0:
+        pytest.skip("starting a throw-away Slurm cluster (munged, slurmctld, slurmd) needs root")
+    base = tmp_path_factory.mktemp("slurm")
+    # LINK_ETC=0: leave /etc/slurm alone; clients and jobs find the cluster through SLURM_CONF.
+    env = {**os.environ, "BASE": str(base), "LINK_ETC": "0", "PATH": SBIN_PATH, "SLURM_CONF": str(base / "slurm.conf")}
+    up = subprocess.run(["bash", SLURM_SCRIPTS / "slurm-up.sh"], env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert up.returncode == 0, f"slurm-up.sh failed:\n{up.stdout}\n{up.stderr}"
+        yield env
+    finally:
+        # slurm-down.sh cancels the jobs first: slurmd dying would not stop them
+        subprocess.run(["bash", SLURM_SCRIPTS / "slurm-down.sh"], env=env, capture_output=True, timeout=120)
+
+
+def wait_until(condition, timeout: float, what: str, check=lambda: None):
+    """Poll `condition` until it returns something truthy; `check` may raise to fail early."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        check()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+    return result
+
+
+def job_state(env: dict, job: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], env=env, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def read_status(output_dir: Path) -> dict | None:
+    try:
+        return json.loads((output_dir / "run_status.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being replaced
+        return None
+
+
+def diagnostics(base: Path, job_log: Path) -> str:
+    parts = []
+    for path in (job_log, base / "slurmctld.log", base / "slurmd.log"):
+        text = path.read_text(errors="replace") if path.exists() else "(missing)"
+        parts.append(f"----- {path}\n{text[-6000:]}")
+    return "\n".join(parts)
+
+
+def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_dir):
+    out, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
+    env = {
+        **slurm,
+        "REPO_DIR": str(REPO),
+        "VENV": sys.prefix,  # the environment running these tests
+        "TRAIN_CONFIG": "",  # flags only, exactly the reference run's
+        "TRAIN_ARGS": " ".join([*TINY_LM, "--cache_dir", str(cache_dir)]),
+        "OUTPUT_DIR": str(out),
+        "SCRATCH": str(tmp_path / "scratch"),
+    }
+    env.pop("ACCELERATE_USE_CPU", None)  # as in conftest.Run: the launch config alone decides
+    sbatch = ["sbatch", "--parsable", f"--output={job_log}", "scripts/slurm/train.sbatch"]
+    job = ok(subprocess.run(sbatch, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)).stdout.strip()
+
+    def still_queued():
+        if job_state(env, job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
+            raise AssertionError(f"job {job} ended early: {job_state(env, job)}")
+
+    try:
+        wait_until(lambda: len(logged_steps(out)) >= 3, 180, "the job to log 3 steps", still_queued)
+        # --signal=B:USR1@lead comes at slurmctld's periodic sweep, up to ~30 s late: deliver it directly.
+        ok(subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True))
+        stopped = wait_until(
+            lambda: (s := read_status(out)) and s["status"] == "requeue" and s, 120, "the stop", still_queued
+        )
+        # The requeued job waits a few seconds for its credential to expire (cred_expire=5): meanwhile train the
+        # uninterrupted reference the same way the tests in test_resume_exact.py do.
+        checkpoints_at_stop = checkpoint_steps(out)
+        ok(Run(TINY_LM, tmp_path / "reference", cache_dir).run())
+        wait_until(lambda: job_state(env, job) == "COMPLETED", 180, "the requeued job to finish", still_queued)
+        log = job_log.read_text()
+
+        assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(tmp_path / "reference")[-1]
+        assert stopped["step"] in checkpoints_at_stop, "a checkpoint at the step where it stopped"
+        assert f"checkpoint step-{stopped['step']:08d} saved" in log
+        assert re.findall(r"SLURM_RESTART_COUNT=(\d+)", log) == ["0", "1"], "one run, then one requeued run"
+        verdicts = re.findall(r"^=== (SUCCESS|FAILURE|REQUEUED)", log, flags=re.M)
+        assert verdicts == ["REQUEUED", "SUCCESS"], log[-3000:]
+        assert f"Resuming from {out}/checkpoints/step-{stopped['step']:08d}" in log
+        assert (out / "COMPLETE").exists() and read_status(out)["status"] == "finished"
+        assert_bitwise_same_run(tmp_path / "reference", out)
+    except BaseException:
+        print(diagnostics(Path(slurm["BASE"]), job_log))
+        raise
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)
