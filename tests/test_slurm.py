@@ -87,7 +87,15 @@ def diagnostics(base: Path, job_log: Path) -> str:
     return "\n".join(parts)
 
 
-def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_dir):
+@pytest.mark.parametrize(
+    ("script", "launcher"),
+    [
+        ("train.sbatch", "python"),
+        # The multi-node script on one node with 2 DDP processes: srun forwarding and torchrun workers.
+        ("train_multinode.sbatch", "cpu_ddp"),
+    ],
+)
+def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_dir, script, launcher):
     out, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
     env = {
         **slurm,
@@ -99,7 +107,11 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         "SCRATCH": str(tmp_path / "scratch"),
     }
     env.pop("ACCELERATE_USE_CPU", None)  # as in conftest.Run: the launch config alone decides
-    sbatch = ["sbatch", "--parsable", f"--output={job_log}", "scripts/slurm/train.sbatch"]
+    sbatch = ["sbatch", "--parsable", f"--output={job_log}"]
+    if launcher == "cpu_ddp":
+        env.update(ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml", GPUS_PER_NODE="2")
+        sbatch.append("--nodes=1")
+    sbatch.append(f"scripts/slurm/{script}")
     job = ok(subprocess.run(sbatch, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)).stdout.strip()
 
     def still_queued():
@@ -116,11 +128,12 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         # The requeued job waits a few seconds for its credential to expire (cred_expire=5): meanwhile train the
         # uninterrupted reference the same way the tests in test_resume_exact.py do.
         checkpoints_at_stop = checkpoint_steps(out)
-        ok(Run(TINY_LM, tmp_path / "reference", cache_dir).run())
+        reference = tmp_path / "reference"
+        ok(Run(TINY_LM, reference, cache_dir, launcher).run())
         wait_until(lambda: job_state(env, job) == "COMPLETED", 180, "the requeued job to finish", still_queued)
         log = job_log.read_text()
 
-        assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(tmp_path / "reference")[-1]
+        assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(reference)[-1]
         assert stopped["step"] in checkpoints_at_stop, "a checkpoint at the step where it stopped"
         assert f"checkpoint step-{stopped['step']:08d} saved" in log
         assert re.findall(r"SLURM_RESTART_COUNT=(\d+)", log) == ["0", "1"], "one run, then one requeued run"
@@ -128,7 +141,7 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         assert verdicts == ["REQUEUED", "SUCCESS"], log[-3000:]
         assert f"Resuming from {out}/checkpoints/step-{stopped['step']:08d}" in log
         assert (out / "COMPLETE").exists() and read_status(out)["status"] == "finished"
-        assert_bitwise_same_run(tmp_path / "reference", out)
+        assert_bitwise_same_run(reference, out)
     except BaseException:
         print(diagnostics(Path(slurm["BASE"]), job_log))
         raise

@@ -20,7 +20,12 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # Only the launcher's environment gets the tag (not this shell's): the helper must never pick a bash trap.
-RESUMABLE_LAUNCH_TAG=$tag "${ACCELERATE:-accelerate}" launch "$@" &
+# USR1 is ignored in the launcher (through exec, and on into the training processes until their handler is
+# installed): srun and `scancel --full` signal every process of the step, and USR1 would kill the launcher.
+(
+  trap '' USR1
+  RESUMABLE_LAUNCH_TAG=$tag exec "${ACCELERATE:-accelerate}" launch "$@"
+) &
 launcher=$!
 # bash runs a trap only between commands: `wait` returns early (status > 128) when a trapped signal
 # arrives, so wait again until the launcher itself has ended.

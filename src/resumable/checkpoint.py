@@ -235,13 +235,21 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
     """
     progress = read_progress(folder)
     rank = accelerator.process_index
-    accelerator.load_state(str(folder))
+    try:  # accelerate loads with weights_only=True: a planted pickle payload is refused, not executed
+        accelerator.load_state(str(folder))
+    except Exception as err:
+        raise UserError(f"{folder}: could not load the training state ({str(err).splitlines()[0][:300]})") from None
     rng_file = folder / f"random_states_{rank}.pkl"
     if rng_file.is_file():
         # accelerate only logs (at INFO) when RNG restore fails: a silent source of non-exact resumes. Check it.
         from accelerate.utils import load
 
-        saved = load(rng_file)  # weights_only=True with numpy globals allow-listed
+        try:
+            saved = load(rng_file)  # weights_only=True with numpy globals allow-listed
+        except Exception as err:
+            raise UserError(
+                f"{rng_file}: could not load the training state ({str(err).splitlines()[0][:300]})"
+            ) from None
         if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
             raise RuntimeError(f"{rng_file}: random state was not restored")
     else:

@@ -1,0 +1,314 @@
+"""A remote `--output_dir` (s3://bucket/run, gs://..., any fsspec URL): train in a local staging folder, mirror it.
+
+The remote is the durable copy; the staging folder is a cache that a new machine rebuilds by pulling the newest
+remote checkpoint that verifies. The commit rules of the local store carry over to object storage:
+- upload: every data file first, `manifest.json` last, so a checkpoint whose upload died has no manifest;
+- delete: `manifest.json` first, so a checkpoint whose delete died has no manifest either;
+- download: manifest first, then the files it lists into a temporary folder, verified (sizes, sha256), then
+  renamed into place, so a kill mid-pull never leaves a `step-*` folder that looks complete;
+- `COMPLETE` is pushed last of all: a remote run without it is not finished, whatever else is there.
+Credentials and endpoint come from the usual environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ... for s3;
+botocore reads AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_S3 itself) or from `storage_options`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from resumable.checkpoint import MANIFEST, list_checkpoints, read_manifest, verify_checkpoint
+from resumable.retention import CheckpointInfo, RetentionPolicy, pools
+
+log = logging.getLogger("resumable")
+T = TypeVar("T")
+STEP_DIR = re.compile(r"step-(\d+)")
+PULLED_FILES = ("train_log.jsonl", "run_status.json")  # the small files a resumed run continues from
+FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "run_status.json")
+COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: export pulls in matplotlib)
+# Errors worth another try: network trouble surfaces as OSError (s3fs translates botocore errors to it);
+# these subclasses are answers, not accidents, and another try gets the same answer.
+PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def is_remote(path: str) -> bool:
+    """True for `scheme://...` with a scheme other than file (s3://, gs://, memory://, ...)."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", str(path))
+    return m is not None and m.group(1).lower() not in ("file", "local")
+
+
+def staging_dir(url: str, cache_root: Path) -> Path:
+    """The local folder a run with this remote output_dir trains in: stable per URL, so a rerun on the same
+    machine finds its checkpoints without downloading them again."""
+    digest = hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
+    return Path(cache_root) / "staging" / digest
+
+
+class RemoteMirror:
+    """The remote copy of one run's output folder. Main process only, except `pull_latest_valid` (locked)."""
+
+    def __init__(
+        self,
+        url: str,
+        local_dir: Path,
+        storage_options: dict | None = None,
+        retries: int = 4,
+        backoff_s: float = 1.0,
+    ):
+        import fsspec  # lazily: a run with a local output_dir never needs it
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.root = self.root.rstrip("/")
+        self.local_dir = Path(local_dir)
+        self.retries, self.backoff_s = retries, backoff_s
+
+    # --- plumbing
+
+    def _remote(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def _retry(self, what: str, fn: Callable[..., T], *args) -> T:
+        """Run fn(*args); on a transient error wait (1, 2, 4, ... x backoff_s) and try again, `retries` times."""
+        for attempt in range(self.retries + 1):
+            try:
+                return fn(*args)
+            except PERMANENT:
+                raise
+            except OSError as err:
+                if attempt == self.retries:
+                    raise
+                delay = self.backoff_s * 2**attempt
+                log.warning("%s failed (%s); retrying in %.1f s", what, err, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _put(self, local: Path, *parts: str) -> None:
+        rpath = self._remote(*parts)
+        self._retry(f"upload {rpath}", self.fs.put_file, str(local), rpath)
+
+    def _get(self, local: Path, *parts: str) -> None:
+        """Download to `local` through a temporary name: a kill never leaves a truncated file under the real one."""
+        rpath, tmp = self._remote(*parts), local.with_name(f".part-{local.name}")
+        self._retry(f"download {rpath}", self.fs.get_file, rpath, str(tmp))
+        os.replace(tmp, local)
+
+    def _rm(self, *parts: str, recursive: bool = False) -> None:
+        rpath = self._remote(*parts)
+        try:
+            self._retry(f"delete {rpath}", self.fs.rm, rpath, recursive)
+        except FileNotFoundError:
+            pass  # already gone: deleting is idempotent
+
+    def _sizes(self, *parts: str) -> dict[str, int]:
+        """File name -> size of the objects directly in a remote folder (empty if there is none)."""
+        rpath = self._remote(*parts)
+        self.fs.invalidate_cache(rpath)  # listings are cached per filesystem instance; another process may write
+        try:
+            entries = self._retry(f"list {rpath}", self.fs.ls, rpath, True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries if e["type"] == "file"}
+
+    def exists(self, name: str) -> bool:
+        return name in self._sizes()
+
+    def remote_checkpoints(self) -> list[str]:
+        """Names of the remote `checkpoints/step-*` folders, oldest first (complete or not)."""
+        rpath = self._remote("checkpoints")
+        self.fs.invalidate_cache(rpath)
+        try:
+            entries = self._retry(f"list {rpath}", self.fs.ls, rpath, True)
+        except FileNotFoundError:
+            return []
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
+        return sorted((n for n in names if STEP_DIR.fullmatch(n)), key=lambda n: int(n[5:]))
+
+    def _remote_manifest(self, name: str) -> dict | None:
+        try:
+            raw = self._retry("read manifest", self.fs.cat_file, self._remote("checkpoints", name, MANIFEST))
+            return json.loads(raw)
+        except FileNotFoundError:
+            return None
+
+    # --- pull
+
+    def is_complete(self) -> bool:
+        """The remote run has finished (its COMPLETE marker was pushed, which happens last)."""
+        return self.exists(COMPLETE)
+
+    def pull_latest_valid(self) -> str | None:
+        """Make the newest remote checkpoint that verifies present in `local_dir/checkpoints`; return its name.
+
+        Newer remote ones that are incomplete or corrupted are skipped with a WARNING naming the file and reason.
+        A checkpoint already present locally and valid is not downloaded again. Also brings train_log.jsonl and
+        run_status.json when the remote is at least as new as the local folder. Every process may call this:
+        a lock file makes the others wait for the first, then find everything in place.
+        """
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.local_dir / ".pull.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            pulled = self._pull_newest()
+            local_valid = [f for f in list_checkpoints(self.local_dir / "checkpoints") if verify_checkpoint(f) is None]
+            newest_local = max((int(f.name[5:]) for f in local_valid), default=-1)
+            if pulled is not None and int(pulled[5:]) >= newest_local:
+                self._pull_small_files()
+            return pulled
+
+    def _pull_newest(self) -> str | None:
+        checkpoints = self.local_dir / "checkpoints"
+        for name in reversed(self.remote_checkpoints()):
+            local = checkpoints / name
+            if local.is_dir() and verify_checkpoint(local) is None:
+                return name
+            reason = self._download(name, checkpoints)
+            if reason is None:
+                return name
+            log.warning("skipping remote checkpoint %s/checkpoints/%s: %s", self.url, name, reason)
+        return None
+
+    def _download(self, name: str, checkpoints: Path) -> str | None:
+        """Fetch and verify one remote checkpoint, rename it into place; None on success, else why not."""
+        manifest = self._remote_manifest(name)
+        if manifest is None:
+            return f"{MANIFEST} missing (incomplete upload)"
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict):
+            return f"{MANIFEST} lists no files"
+        remote_sizes = self._sizes("checkpoints", name)
+        for fname, meta in files.items():  # cheap checks first: no gigabytes fetched for a checkpoint that is short
+            if Path(fname).name != fname or fname in ("", ".", ".."):
+                return f"{MANIFEST} names a path outside its folder: {fname!r}"
+            if fname not in remote_sizes:
+                return f"{fname} missing"
+            if remote_sizes[fname] != meta.get("size"):
+                return f"{fname} has {remote_sizes[fname]} bytes, manifest says {meta.get('size')}"
+        tmp = checkpoints / f".tmp-pull-{name}"
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a kill mid-pull
+        tmp.mkdir(parents=True)
+        for fname in files:
+            self._get(tmp / fname, "checkpoints", name, fname)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        reason = verify_checkpoint(tmp, deep=True)
+        if reason is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return reason
+        _commit_folder(tmp, checkpoints / name)
+        return None
+
+    def _pull_small_files(self) -> None:
+        sizes = self._sizes()
+        for fname in PULLED_FILES:
+            if fname in sizes:
+                self._get(self.local_dir / fname, fname)
+        if COMPLETE not in sizes and (self.local_dir / COMPLETE).exists():
+            # finished here but the push of the end never got through: run the finish again, which pushes it
+            log.warning("%s has %s but %s does not; the run will finish again", self.local_dir, COMPLETE, self.url)
+            (self.local_dir / COMPLETE).unlink()
+
+    # --- push
+
+    def push_checkpoint(self, local_folder: Path) -> None:
+        """Upload a committed local checkpoint to url/checkpoints/<name>/: data files first, manifest last."""
+        local_folder = Path(local_folder)
+        name, manifest = local_folder.name, read_manifest(local_folder)
+        # The same step pushed again (a rerun saved it anew): its old manifest goes first, so that the folder is
+        # never a mix of old manifest and new files that looks complete.
+        self._rm("checkpoints", name, MANIFEST)
+        for fname in manifest["files"]:
+            self._put(local_folder / fname, "checkpoints", name, fname)
+        stale = set(self._sizes("checkpoints", name)) - set(manifest["files"])
+        for fname in sorted(stale):  # e.g. random_states_3.pkl of an earlier run with more processes
+            self._rm("checkpoints", name, fname)
+        self._put(local_folder / MANIFEST, "checkpoints", name, MANIFEST)
+
+    def push_missing(self) -> list[str]:
+        """Push every valid local checkpoint whose remote copy lacks the same manifest (a push cut short by a
+        kill, a staging folder that outlived its remote). Returns the names pushed."""
+        pushed = []
+        for folder in list_checkpoints(self.local_dir / "checkpoints"):
+            if verify_checkpoint(folder, deep=False) is None and self._remote_manifest(folder.name) != read_manifest(
+                folder
+            ):
+                self.push_checkpoint(folder)
+                pushed.append(folder.name)
+        return pushed
+
+    def push_file(self, name: str) -> None:
+        """Upload local_dir/name to url/name (one object: it appears whole or not at all)."""
+        self._put(self.local_dir / name, name)
+
+    def push_dir(self, name: str) -> None:
+        """Upload local_dir/name/ recursively, then delete remote files there that the local folder lacks."""
+        base = self.local_dir / name
+        local_files = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+        for rel in local_files:
+            self._put(base / rel, name, rel)
+        prefix = self._remote(name) + "/"
+        self.fs.invalidate_cache(self._remote(name))
+        for rpath in self._retry(f"list {prefix}", self.fs.find, prefix):
+            if rpath[len(prefix) :] not in local_files:
+                self._rm(rpath[len(self.root) + 1 :])
+
+    def push_complete(self) -> None:
+        """Push the end of a finished run: final/, the small files, then COMPLETE last of all."""
+        self.push_dir("final")
+        for fname in FINAL_FILES:
+            if (self.local_dir / fname).is_file():
+                self.push_file(fname)
+        self.push_file(COMPLETE)
+
+    # --- retention
+
+    def delete_remote(self, names: list[str]) -> None:
+        """Delete remote checkpoints: manifest first, so a delete cut short leaves no folder that looks complete."""
+        for name in names:
+            self._rm("checkpoints", name, MANIFEST)
+            self._rm("checkpoints", name, recursive=True)
+
+    def prune_remote(self, policy: RetentionPolicy) -> list[str]:
+        """Apply `policy` to the remote checkpoints themselves (the staging folder may hold only the newest).
+
+        A remote checkpoint counts as valid when its manifest is there and every listed file has its size (no
+        download to hash); invalid ones are left alone, as locally. Returns the names deleted.
+        """
+        infos = []
+        for name in self.remote_checkpoints():
+            m = self._remote_manifest(name)
+            sizes = self._sizes("checkpoints", name)
+            files = (m or {}).get("files", {})
+            if not files or any(sizes.get(f) != meta.get("size") for f, meta in files.items()):
+                continue
+            metric = m.get("metrics", {}).get(policy.metric) if m.get("metrics_step") == m["step"] else None
+            infos.append(CheckpointInfo(name, m["step"], m.get("epochs_done"), metric))
+        doomed = [name for name, wanted_by in pools(infos, policy).items() if not wanted_by]
+        self.delete_remote(doomed)
+        return doomed
+
+
+def _commit_folder(tmp: Path, final: Path) -> None:
+    """fsync the downloaded files, then rename `tmp` to `final` (replacing an invalid local copy)."""
+    for p in tmp.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        trash = final.with_name(f".trash-{final.name}")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
+        os.replace(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
