@@ -1,11 +1,14 @@
-"""scripts/slurm/train.sbatch on a real single-node Slurm: USR1 -> checkpoint -> requeue -> resume, bit for bit."""
+"""The Slurm job scripts (scripts/slurm/) on a real single-node Slurm: USR1 -> checkpoint -> requeue -> resume,
+bit for bit; and, without Slurm, a signal that comes while the training process is still starting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -56,6 +59,21 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", SLURM_SCRIPTS / "slurm-down.sh"], env=env, capture_output=True, timeout=120)
 
 
+def job_env(base_env: dict, tmp_path: Path, cache_dir: Path, out: Path) -> dict:
+    """The job scripts' settings (scripts/slurm/common.sh) for the tiny run of TINY_LM."""
+    env = {
+        **base_env,
+        "REPO_DIR": str(REPO),
+        "VENV": sys.prefix,  # the environment running these tests
+        "TRAIN_CONFIG": "",  # flags only, exactly the reference run's
+        "TRAIN_ARGS": " ".join([*TINY_LM, "--cache_dir", str(cache_dir)]),
+        "OUTPUT_DIR": str(out),
+        "SCRATCH": str(tmp_path / "scratch"),
+    }
+    env.pop("ACCELERATE_USE_CPU", None)  # as in conftest.Run: the launch config alone decides
+    return env
+
+
 def wait_until(condition, timeout: float, what: str, check=lambda: None):
     """Poll `condition` until it returns something truthy; `check` may raise to fail early."""
     deadline = time.monotonic() + timeout
@@ -97,16 +115,7 @@ def diagnostics(base: Path, job_log: Path) -> str:
 )
 def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_dir, script, launcher):
     out, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
-    env = {
-        **slurm,
-        "REPO_DIR": str(REPO),
-        "VENV": sys.prefix,  # the environment running these tests
-        "TRAIN_CONFIG": "",  # flags only, exactly the reference run's
-        "TRAIN_ARGS": " ".join([*TINY_LM, "--cache_dir", str(cache_dir)]),
-        "OUTPUT_DIR": str(out),
-        "SCRATCH": str(tmp_path / "scratch"),
-    }
-    env.pop("ACCELERATE_USE_CPU", None)  # as in conftest.Run: the launch config alone decides
+    env = job_env(slurm, tmp_path, cache_dir, out)
     sbatch = ["sbatch", "--parsable", f"--output={job_log}"]
     if launcher == "cpu_ddp":
         env.update(ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml", GPUS_PER_NODE="2")
@@ -114,23 +123,23 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
     sbatch.append(f"scripts/slurm/{script}")
     job = ok(subprocess.run(sbatch, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)).stdout.strip()
 
-    def still_queued():
+    def fail_if_ended():  # early, instead of waiting for a timeout
         if job_state(env, job) in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"):
             raise AssertionError(f"job {job} ended early: {job_state(env, job)}")
 
     try:
-        wait_until(lambda: len(logged_steps(out)) >= 3, 180, "the job to log 3 steps", still_queued)
+        wait_until(lambda: len(logged_steps(out)) >= 3, 180, "the job to log 3 steps", fail_if_ended)
         # --signal=B:USR1@lead comes at slurmctld's periodic sweep, up to ~30 s late: deliver it directly.
         ok(subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, capture_output=True, text=True))
         stopped = wait_until(
-            lambda: (s := read_status(out)) and s["status"] == "requeue" and s, 120, "the stop", still_queued
+            lambda: (s := read_status(out)) and s["status"] == "requeue" and s, 120, "the stop", fail_if_ended
         )
         # The requeued job waits a few seconds for its credential to expire (cred_expire=5): meanwhile train the
         # uninterrupted reference the same way the tests in test_resume_exact.py do.
         checkpoints_at_stop = checkpoint_steps(out)
         reference = tmp_path / "reference"
         ok(Run(TINY_LM, reference, cache_dir, launcher).run())
-        wait_until(lambda: job_state(env, job) == "COMPLETED", 180, "the requeued job to finish", still_queued)
+        wait_until(lambda: job_state(env, job) == "COMPLETED", 180, "the requeued job to finish", fail_if_ended)
         log = job_log.read_text()
 
         assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(reference)[-1]
@@ -147,3 +156,32 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         raise
     finally:
         subprocess.run(["scancel", job], env=env, capture_output=True)
+
+
+def test_signal_before_the_training_listens_is_held_until_it_does(tmp_path, cache_dir):
+    """No Slurm needed: USR1 to the job shell while accelerate is still starting must neither kill the training
+    process (default action) nor be lost; it is delivered once the handler is installed, and the job stops."""
+    out, job_log = tmp_path / "out", tmp_path / "job.out"
+    outside_slurm = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = job_env(outside_slurm, tmp_path, cache_dir, out)
+    with open(job_log, "w") as fh:
+        # its own session: on failure, one killpg stops the shell, the launcher and the training process
+        cmd = ["bash", "scripts/slurm/train.sbatch"]
+        shell = subprocess.Popen(cmd, env=env, stdout=fh, stderr=fh, cwd=REPO, start_new_session=True)
+    try:
+        wait_until(lambda: "SLURM_RESTART_COUNT=0" in job_log.read_text(), 60, "the job header")  # traps are set
+        os.kill(shell.pid, signal.SIGUSR1)
+        assert shell.wait(timeout=180) == 75
+        log = job_log.read_text()
+        assert "[signal_training] SIGUSR1 -> training process" in log
+        status = read_status(out)  # written: the training process lived to checkpoint, so USR1 was not fatal
+        assert status["status"] == "requeue" and "SIGUSR1" in status["reason"]
+        assert status["step"] in checkpoint_steps(out)
+        verdicts = re.findall(r"^=== (?:SUCCESS|FAILURE|REQUEUED).*", log, flags=re.M)
+        assert len(verdicts) == 1 and verdicts[0].startswith("=== FAILURE") and "not a Slurm job" in verdicts[0]
+    except BaseException:
+        print(job_log.read_text())
+        raise
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)

@@ -56,7 +56,9 @@ wait_for() {
 # "checkpointed, run me again" (75), so the file decides. Ends the script.
 finish() {
   local code=0 status job
-  status=$(python3 -m resumable.preemption "$OUTPUT_DIR" 2>&1) || code=$?
+  # src on the path, as scripts/train.py does: the repository works without being installed
+  status=$(PYTHONPATH="$REPO_DIR/src${PYTHONPATH:+:$PYTHONPATH}" python3 -m resumable.preemption "$OUTPUT_DIR" 2>&1) ||
+    code=$?
   if [[ $1 == 0 ]]; then
     echo "=== SUCCESS: $status (output $OUTPUT_DIR)"
     exit 0

@@ -74,7 +74,7 @@ def alive(pid: int) -> bool:
 
 
 def send(tag: str, sig: signal.Signals, while_pid: int) -> int:
-    waited_since = time.monotonic()
+    waited_since = time.monotonic()  # > 0 when the training script had not installed its handler yet
     while alive(while_pid):
         pids = targets(tag, sig)
         for pid in pids:
@@ -83,9 +83,8 @@ def send(tag: str, sig: signal.Signals, while_pid: int) -> int:
             except ProcessLookupError:
                 continue
         if pids:
-            late = time.monotonic() - waited_since
-            note = f" (waited {late:.1f}s for its signal handler)" if late > 1 else ""
-            print(f"[signal_training] {sig.name} -> training process(es) {pids}{note}", file=sys.stderr, flush=True)
+            waited = time.monotonic() - waited_since
+            print(f"[signal_training] {sig.name} -> training process(es) {pids} after {waited:.1f}s", file=sys.stderr)
             return 0
         time.sleep(POLL)
     print(f"[signal_training] {sig.name} not delivered: no training process handles it", file=sys.stderr)

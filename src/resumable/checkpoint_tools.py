@@ -9,12 +9,15 @@ manifest records, and needs the run's tokenizer (final/, the name in the setting
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from resumable.checkpoint import read_manifest, verify_checkpoint
+from resumable.checkpoint import MANIFEST, PROGRESS, read_manifest, verify_checkpoint
 from resumable.config import TrainConfig, field_names, parse_config
 from resumable.errors import UserError
 
@@ -25,13 +28,27 @@ DATA_SETTINGS = ("train_file", "validation_file")  # validated on parse, yet irr
 # --- inspect
 
 
-def tensor_table(path: Path) -> list[tuple[str, list[int], str]]:
-    """(name, shape, dtype) of every tensor in a safetensors file, read from its header only."""
+def human(n: float) -> str:
+    """A byte count for people: 386.1 KiB."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def weights_summary(path: Path) -> list[str]:
+    """Name, shape and dtype of every tensor in a safetensors file, read from its header only (no tensor data)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as fh:
         names = fh.keys()  # a safe_open handle is not iterable
-        return [(name, fh.get_slice(name).get_shape(), fh.get_slice(name).get_dtype()) for name in names]
+        slices = [(name, fh.get_slice(name)) for name in names]
+        total = sum(math.prod(sl.get_shape()) for _, sl in slices)
+        table = [(name, str(tuple(sl.get_shape())), sl.get_dtype()) for name, sl in slices]
+    width = [max((len(row[i]) for row in table), default=0) for i in (0, 1)]
+    lines = [f"{len(table)} tensors, {total:,} values"]
+    return lines + [f"{name.ljust(width[0])}  {shape.ljust(width[1])}  {dtype}" for name, shape, dtype in table]
 
 
 def load_safely(path: Path) -> Any:
@@ -42,9 +59,9 @@ def load_safely(path: Path) -> Any:
         raise UserError(f"{path}: could not be loaded safely ({str(err).strip().splitlines()[0]})") from None
 
 
-def optimizer_summary(state: dict) -> list[str]:
+def optimizer_summary(path: Path) -> list[str]:
     """Param groups' hyperparameters, the number of per-parameter states and the step they record."""
-    lines = []
+    state, lines = load_safely(path), []
     for i, group in enumerate(state.get("param_groups", [])):
         hyper = {k: v for k, v in group.items() if k != "params" and v is not None and v is not False}
         lines.append(f"group {i}: {len(group.get('params', []))} params, " + _pairs(hyper))
@@ -55,7 +72,8 @@ def optimizer_summary(state: dict) -> list[str]:
     return lines
 
 
-def scheduler_summary(state: dict) -> list[str]:
+def scheduler_summary(path: Path) -> list[str]:
+    state = load_safely(path)
     last_lr = state.get("_last_lr")
     lines = [f"last_epoch {state.get('last_epoch')} (scheduler steps taken), last lr {_fmt(last_lr)}"]
     if "base_lrs" in state:
@@ -63,9 +81,8 @@ def scheduler_summary(state: dict) -> list[str]:
     return lines
 
 
-def manifest_summary(manifest: dict) -> list[str]:
-    import time
-
+def manifest_summary(path: Path) -> list[str]:
+    manifest = json.loads(path.read_text())
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.get("created", 0)))
     keys = ("step", "epoch", "epochs_done", "samples_seen", "world_size", "per_device_train_batch_size",
             "gradient_accumulation_steps")  # fmt: skip
@@ -76,6 +93,20 @@ def manifest_summary(manifest: dict) -> list[str]:
     settings = {k: v for k, v in manifest.get("settings", {}).items() if v is not None}
     lines.append(f"settings: {_pairs(settings)}" if settings else "settings: (not recorded)")
     return lines
+
+
+def progress_summary(path: Path) -> list[str]:
+    return [_pairs(json.loads(path.read_text()))]
+
+
+# file name -> summary lines; files not named here (random_states_*.pkl: pickles) are never opened
+SUMMARIES = {
+    MANIFEST: manifest_summary,
+    PROGRESS: progress_summary,
+    WEIGHTS: weights_summary,
+    OPTIMIZER: optimizer_summary,
+    SCHEDULER: scheduler_summary,
+}
 
 
 def _fmt(value: Any) -> str:

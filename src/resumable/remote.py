@@ -13,6 +13,7 @@ botocore reads AWS_ENDPOINT_URL and AWS_ENDPOINT_URL_S3 itself) or from `storage
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from resumable.checkpoint import MANIFEST, list_checkpoints, read_manifest, verify_checkpoint
+from resumable.checkpoint import MANIFEST, _manifest_digest, list_checkpoints, read_manifest, verify_checkpoint
 from resumable.retention import CheckpointInfo, RetentionPolicy, pools
 
 log = logging.getLogger("resumable")
@@ -103,10 +104,8 @@ class RemoteMirror:
 
     def _rm(self, *parts: str, recursive: bool = False) -> None:
         rpath = self._remote(*parts)
-        try:
+        with contextlib.suppress(FileNotFoundError):  # already gone: deleting is idempotent
             self._retry(f"delete {rpath}", self.fs.rm, rpath, recursive)
-        except FileNotFoundError:
-            pass  # already gone: deleting is idempotent
 
     def _sizes(self, *parts: str) -> dict[str, int]:
         """File name -> size of the objects directly in a remote folder (empty if there is none)."""
@@ -132,10 +131,10 @@ class RemoteMirror:
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"]
         return sorted((n for n in names if STEP_DIR.fullmatch(n)), key=lambda n: int(n[5:]))
 
-    def _remote_manifest(self, name: str) -> dict | None:
+    def _remote_manifest(self, name: str) -> bytes | None:
+        rpath = self._remote("checkpoints", name, MANIFEST)
         try:
-            raw = self._retry("read manifest", self.fs.cat_file, self._remote("checkpoints", name, MANIFEST))
-            return json.loads(raw)
+            return self._retry(f"read {rpath}", self.fs.cat_file, rpath)
         except FileNotFoundError:
             return None
 
@@ -149,18 +148,33 @@ class RemoteMirror:
         """Make the newest remote checkpoint that verifies present in `local_dir/checkpoints`; return its name.
 
         Newer remote ones that are incomplete or corrupted are skipped with a WARNING naming the file and reason.
-        A checkpoint already present locally and valid is not downloaded again. Also brings train_log.jsonl and
-        run_status.json when the remote is at least as new as the local folder. Every process may call this:
-        a lock file makes the others wait for the first, then find everything in place.
+        A checkpoint already present locally and valid is not downloaded again. Brings train_log.jsonl and
+        run_status.json too when the remote is at least as new as the local folder. A finished remote run
+        brings only COMPLETE and run_status.json (None returned). Every process may call this: a lock file
+        makes the others wait for the first, then find everything in place.
         """
         self.local_dir.mkdir(parents=True, exist_ok=True)
         with open(self.local_dir / ".pull.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            sizes = self._sizes()
+            if COMPLETE in sizes:  # nothing to resume: train.py's own COMPLETE check ends the run
+                for fname in ("run_status.json", COMPLETE):
+                    if fname in sizes:
+                        self._get(self.local_dir / fname, fname)
+                return None
+            if (self.local_dir / COMPLETE).exists():
+                # finished here, but the push of the end never got through: finishing again pushes it
+                log.warning("%s has %s but %s has not; the run will finish again", self.local_dir, COMPLETE, self.url)
+                (self.local_dir / COMPLETE).unlink()
             pulled = self._pull_newest()
-            local_valid = [f for f in list_checkpoints(self.local_dir / "checkpoints") if verify_checkpoint(f) is None]
+            local_valid = [
+                f for f in list_checkpoints(self.local_dir / "checkpoints") if not verify_checkpoint(f, deep=False)
+            ]
             newest_local = max((int(f.name[5:]) for f in local_valid), default=-1)
-            if pulled is not None and int(pulled[5:]) >= newest_local:
-                self._pull_small_files()
+            if pulled is not None and int(pulled[5:]) >= newest_local:  # else this folder holds the newer log
+                for fname in PULLED_FILES:
+                    if fname in sizes:
+                        self._get(self.local_dir / fname, fname)
             return pulled
 
     def _pull_newest(self) -> str | None:
@@ -175,44 +189,51 @@ class RemoteMirror:
             log.warning("skipping remote checkpoint %s/checkpoints/%s: %s", self.url, name, reason)
         return None
 
+    def _check_remote(self, name: str) -> tuple[bytes, dict, str | None]:
+        """Remote checkpoint `name`: its manifest (raw, parsed) and why it is not complete (None: it looks it).
+
+        Checks what costs no download: the manifest's own checksum, and every listed file's name and size.
+        """
+        raw = self._remote_manifest(name)
+        if raw is None:
+            return b"", {}, f"{MANIFEST} missing (incomplete upload)"
+        try:
+            manifest = json.loads(raw)
+        except ValueError as err:
+            return raw, {}, f"{MANIFEST} unreadable ({err})"
+        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
+            return raw, {}, f"{MANIFEST} checksum mismatch (corrupted)"
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            return raw, manifest, f"{MANIFEST} lists no files"
+        sizes = self._sizes("checkpoints", name)
+        for fname, meta in files.items():
+            if Path(fname).name != fname or fname in ("", ".", ".."):
+                return raw, manifest, f"{MANIFEST} names a path outside its folder: {fname!r}"
+            if fname not in sizes:
+                return raw, manifest, f"{fname} missing"
+            if sizes[fname] != meta.get("size"):
+                return raw, manifest, f"{fname} has {sizes[fname]} bytes, manifest says {meta.get('size')}"
+        return raw, manifest, None
+
     def _download(self, name: str, checkpoints: Path) -> str | None:
         """Fetch and verify one remote checkpoint, rename it into place; None on success, else why not."""
-        manifest = self._remote_manifest(name)
-        if manifest is None:
-            return f"{MANIFEST} missing (incomplete upload)"
-        files = manifest.get("files") if isinstance(manifest, dict) else None
-        if not isinstance(files, dict):
-            return f"{MANIFEST} lists no files"
-        remote_sizes = self._sizes("checkpoints", name)
-        for fname, meta in files.items():  # cheap checks first: no gigabytes fetched for a checkpoint that is short
-            if Path(fname).name != fname or fname in ("", ".", ".."):
-                return f"{MANIFEST} names a path outside its folder: {fname!r}"
-            if fname not in remote_sizes:
-                return f"{fname} missing"
-            if remote_sizes[fname] != meta.get("size"):
-                return f"{fname} has {remote_sizes[fname]} bytes, manifest says {meta.get('size')}"
+        raw, manifest, reason = self._check_remote(name)
+        if reason is not None:  # found before fetching gigabytes
+            return reason
+        files = manifest["files"]
         tmp = checkpoints / f".tmp-pull-{name}"
         shutil.rmtree(tmp, ignore_errors=True)  # left by a kill mid-pull
         tmp.mkdir(parents=True)
         for fname in files:
             self._get(tmp / fname, "checkpoints", name, fname)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        (tmp / MANIFEST).write_bytes(raw)
         reason = verify_checkpoint(tmp, deep=True)
         if reason is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             return reason
         _commit_folder(tmp, checkpoints / name)
         return None
-
-    def _pull_small_files(self) -> None:
-        sizes = self._sizes()
-        for fname in PULLED_FILES:
-            if fname in sizes:
-                self._get(self.local_dir / fname, fname)
-        if COMPLETE not in sizes and (self.local_dir / COMPLETE).exists():
-            # finished here but the push of the end never got through: run the finish again, which pushes it
-            log.warning("%s has %s but %s does not; the run will finish again", self.local_dir, COMPLETE, self.url)
-            (self.local_dir / COMPLETE).unlink()
 
     # --- push
 
@@ -235,9 +256,9 @@ class RemoteMirror:
         kill, a staging folder that outlived its remote). Returns the names pushed."""
         pushed = []
         for folder in list_checkpoints(self.local_dir / "checkpoints"):
-            if verify_checkpoint(folder, deep=False) is None and self._remote_manifest(folder.name) != read_manifest(
-                folder
-            ):
+            if verify_checkpoint(folder, deep=False) is not None:
+                continue
+            if self._remote_manifest(folder.name) != (folder / MANIFEST).read_bytes():
                 self.push_checkpoint(folder)
                 pushed.append(folder.name)
         return pushed
@@ -282,13 +303,10 @@ class RemoteMirror:
         """
         infos = []
         for name in self.remote_checkpoints():
-            m = self._remote_manifest(name)
-            sizes = self._sizes("checkpoints", name)
-            files = (m or {}).get("files", {})
-            if not files or any(sizes.get(f) != meta.get("size") for f, meta in files.items()):
-                continue
-            metric = m.get("metrics", {}).get(policy.metric) if m.get("metrics_step") == m["step"] else None
-            infos.append(CheckpointInfo(name, m["step"], m.get("epochs_done"), metric))
+            _, m, reason = self._check_remote(name)
+            if reason is None:
+                metric = m.get("metrics", {}).get(policy.metric) if m.get("metrics_step") == m["step"] else None
+                infos.append(CheckpointInfo(name, m["step"], m.get("epochs_done"), metric))
         doomed = [name for name, wanted_by in pools(infos, policy).items() if not wanted_by]
         self.delete_remote(doomed)
         return doomed

@@ -1,0 +1,291 @@
+"""List, verify, inspect, prune and export the checkpoints of a run.
+
+    python scripts/checkpoints.py list outputs/tiny_lm
+    python scripts/checkpoints.py verify outputs/tiny_lm            # exit 1 if any checkpoint is corrupted
+    python scripts/checkpoints.py inspect outputs/tiny_lm/checkpoints/step-00000100
+    python scripts/checkpoints.py prune outputs/tiny_lm --keep 2     # dry run; add --yes to delete
+    python scripts/checkpoints.py export outputs/tiny_lm/checkpoints/step-00000100 --to exported/
+
+Exit codes: 0 fine, 1 a checkpoint is corrupted or unloadable, 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
+
+from resumable.checkpoint import MANIFEST, list_checkpoints, read_manifest, verify_checkpoint
+from resumable.checkpoint_tools import human
+from resumable.errors import UserError, exit_on_user_error
+from resumable.export import COMPLETE
+from resumable.retention import RetentionPolicy, describe, pools, remove_checkpoint
+
+# --- filesystem access: the only functions that touch paths given on the command line. A remote store (fsspec
+# URL) plugs in here, e.g. by mirroring the manifest-listed files into a local cache for the read-only commands.
+
+
+def _local(arg: str, what: str) -> Path:
+    if "://" in arg:
+        raise UserError(f"{arg}: remote {what}s are not supported yet; copy it to a local folder first")
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise UserError(f"{arg}: no such {what}")
+    if not path.is_dir():
+        raise UserError(f"{arg}: not a directory (expected a {what})")
+    return path
+
+
+def open_store(arg: str) -> tuple[Path, Path | None]:
+    """(checkpoints folder, run folder or None) from a run directory or its checkpoints/ folder."""
+    path = _local(arg, "run directory")
+    if (path / "checkpoints").is_dir():
+        return path / "checkpoints", path
+    if path.name == "checkpoints":
+        return path, path.parent
+    if list_checkpoints(path):  # a checkpoints folder by another name
+        return path, None
+    if (path / MANIFEST).is_file():
+        raise UserError(f"{arg}: is a single checkpoint; pass the run directory that holds it")
+    raise UserError(f"{arg}: not a run directory (no checkpoints/ folder inside)")
+
+
+def open_checkpoint(arg: str) -> Path:
+    path = _local(arg, "checkpoint folder")
+    if (path / MANIFEST).is_file() or path.name.startswith("step-"):
+        return path
+    inner = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
+    hint = f", e.g. {inner[-1]}" if inner else ""
+    raise UserError(f"{arg}: not a checkpoint folder (no {MANIFEST}); pass one of step-* folders{hint}")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def leftovers(checkpoints: Path) -> list[str]:
+    """Folders of interrupted saves or deletes; training removes them after its next commit."""
+    return sorted(p.name for p in checkpoints.glob(".t*-step-*"))
+
+
+def run_state(run: Path | None) -> str:
+    if run is None:
+        return "run: unknown (not inside a run directory)"
+    if (run / COMPLETE).exists():
+        return f"run: complete (final model in {run / 'final'})"
+    return f"run: not complete (no {COMPLETE} marker: still training, stopped, or killed)"
+
+
+# --- helpers
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def policy_from(args: argparse.Namespace, keep_last: int | None) -> RetentionPolicy:
+    better = args.greater_is_better
+    if better is None:  # the same inference as --greater_is_better in training
+        better = not args.metric.endswith(("loss", "perplexity"))
+    return RetentionPolicy(keep_last, args.keep_epoch_every, args.keep_best, args.metric, better)
+
+
+def check_all(checkpoints: Path, deep: bool) -> dict[str, str | None]:
+    """Name -> None if valid, else the reason."""
+    return {f.name: verify_checkpoint(f, deep=deep) for f in list_checkpoints(checkpoints)}
+
+
+def wanted_by(checkpoints: Path, reasons: dict[str, str | None], policy: RetentionPolicy) -> dict[str, set[str]]:
+    valid = [describe(checkpoints / name, policy.metric) for name, r in reasons.items() if r is None]
+    return pools(valid, policy)
+
+
+# --- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    checkpoints, run = open_store(args.output_dir)
+    reasons = check_all(checkpoints, deep=args.deep)
+    policy = policy_from(args, args.keep_last)
+    wanted = wanted_by(checkpoints, reasons, policy)
+    rows = []
+    for name, reason in reasons.items():
+        folder = checkpoints / name
+        step, epoch, value = name.removeprefix("step-").lstrip("0") or "0", "?", "-"
+        if reason is None:
+            m, info = read_manifest(folder), describe(folder, policy.metric)
+            step, epoch = str(m["step"]), f"{m['epoch']}{'*' if m.get('epochs_done') else ''}"
+            value = "-" if info.metric is None else f"{info.metric:.6g}"
+        kept = ", ".join(sorted(wanted.get(name, ()))) or ("(never pruned)" if reason else "(prunable)")
+        rows.append([name, step, epoch, value, human(folder_bytes(folder)), reason or "yes", kept])
+    print_table(["name", "step", "epoch", policy.metric, "size", "valid", "kept by"], rows)
+    if not rows:
+        print(f"(no checkpoints in {checkpoints})")
+    print("epoch: 0-based epoch in progress; * saved at an epoch end")
+    if not args.deep:
+        print("valid: sizes only; `verify` recomputes the sha256 of every file")
+    for name in leftovers(checkpoints):
+        print(f"leftover of an interrupted save or delete: {name}")
+    print(run_state(run))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    checkpoints, _ = open_store(args.output_dir)
+    t0, checked, bad = time.perf_counter(), 0, 0
+    folders = list_checkpoints(checkpoints)
+    for folder in folders:
+        reason = verify_checkpoint(folder, deep=not args.quick)
+        if reason is None:
+            checked += sum(meta["size"] for meta in read_manifest(folder)["files"].values())
+            print(f"{folder.name}  ok")
+        else:
+            bad += 1
+            print(f"{folder.name}  CORRUPT: {reason}")
+    seconds = time.perf_counter() - t0
+    if not folders:
+        print(f"no checkpoints in {checkpoints}")
+    what = "checked sizes of" if args.quick else "hashed"
+    rate = f" ({checked / 1e6 / seconds:.1f} MB/s)" if checked and not args.quick else ""
+    print(f"{len(folders)} checkpoint(s), {bad} invalid; {what} {human(checked)} in {seconds:.2f} s{rate}")
+    for name in leftovers(checkpoints):
+        print(f"leftover of an interrupted save or delete (ignored): {name}")
+    return 1 if bad else 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from resumable.checkpoint_tools import SUMMARIES
+
+    folder = open_checkpoint(args.path)
+    reason = verify_checkpoint(folder, deep=True)
+    print(f"checkpoint {folder}: {'valid' if reason is None else 'INVALID: ' + reason}")
+    failed = reason is not None
+    for name, summarise in SUMMARIES.items():
+        if not (folder / name).is_file():
+            continue
+        print(f"\n{name} ({human((folder / name).stat().st_size)})")
+        try:
+            lines = summarise(folder / name)
+        except (UserError, ValueError, OSError) as err:  # show the rest: inspecting a damaged checkpoint is the point
+            lines, failed = [f"ERROR: {err}"], True
+        print("\n".join(f"  {line}" for line in lines))
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in SUMMARIES)
+    if others:
+        print(f"\nother files (not opened): {', '.join(others)}")
+    return 1 if failed else 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    checkpoints, run = open_store(args.output_dir)
+    if args.keep < 1:
+        raise UserError(f"--keep must be >= 1, got {args.keep}")
+    if args.keep_best < 1:
+        raise UserError(f"--keep_best must be >= 1 (prune never deletes the best checkpoint), got {args.keep_best}")
+    reasons = check_all(checkpoints, deep=not args.quick)
+    wanted = wanted_by(checkpoints, reasons, policy_from(args, args.keep))
+    doomed = [name for name, by in wanted.items() if not by]
+    for name, reason in reasons.items():
+        if reason is not None:
+            print(f"leave   {name}  invalid, never pruned ({reason})")
+        elif wanted[name]:
+            print(f"keep    {name}  {', '.join(sorted(wanted[name]))}")
+        else:
+            print(f"{'delete' if args.yes else 'would delete'}  {name}  no pool wants it")
+    for name in leftovers(checkpoints):
+        print(f"leave   {name}  leftover of an interrupted save or delete (training removes it)")
+    freed = sum(folder_bytes(checkpoints / name) for name in doomed)
+    if not args.yes:
+        print(f"dry run: {len(doomed)} checkpoint(s), {human(freed)} would be deleted; pass --yes to delete")
+        return 0
+    for name in doomed:
+        remove_checkpoint(checkpoints / name)
+    print(f"deleted {len(doomed)} checkpoint(s), freed {human(freed)}")
+    if run is not None and not (run / COMPLETE).exists():
+        print("note: the run is not complete; if it is still training, its own pruning uses its own flags")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from resumable.checkpoint_tools import export_checkpoint
+
+    folder = open_checkpoint(args.path)
+    if "://" in args.to:
+        raise UserError(f"--to {args.to}: remote targets are not supported yet")
+    target = Path(args.to).expanduser()
+    export_checkpoint(folder, target, args.tokenizer, args.cache_dir, args.force)
+    print(f"exported {folder} to {target}")
+    return 0
+
+
+# --- command line
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise UserError(f"{self.prog}: {message}")
+
+
+def add_policy_flags(p: argparse.ArgumentParser, keep_best: int = 1) -> None:
+    p.add_argument("--metric", default="eval/loss", help="Metric ranking the best pool (default eval/loss).")
+    p.add_argument(
+        "--greater_is_better",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Whether a larger metric is better (default: inferred from its name, as in training).",
+    )
+    p.add_argument("--keep_best", type=int, default=keep_best, help="Best pool size (default %(default)s).")
+    p.add_argument("--keep_epoch_every", type=int, default=0, help="Epoch pool: every k-th epoch end; 0 off.")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="checkpoints.py", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run_help = "a run's --output_dir (or its checkpoints/ folder)"
+
+    p = sub.add_parser("list", help="Table of checkpoints: step, epoch, metric, size, validity, pools.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
+    p.add_argument("--keep_last", type=int, default=None, help="Rolling pool size to show (default: all).")
+    add_policy_flags(p)
+    p.add_argument("--deep", action="store_true", help="Recompute sha256 of every file (default: sizes only).")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("verify", help="Recompute every checkpoint's checksums; exit 1 on any corruption.")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
+    p.add_argument("--quick", action="store_true", help="Compare file sizes only (misses bit flips).")
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("inspect", help="Manifest, tensors, optimizer and scheduler state of one checkpoint.")
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder (checkpoints/step-*)")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="Delete checkpoints no retention pool wants (dry run unless --yes).")
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
+    p.add_argument("--keep", type=int, required=True, help="Rolling pool: keep the newest N valid checkpoints.")
+    add_policy_flags(p)
+    p.add_argument("--quick", action="store_true", help="Judge validity by file sizes only (default: sha256).")
+    p.add_argument("--yes", action="store_true", help="Really delete (default: print what would be deleted).")
+    p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("export", help="Write a checkpoint as a save_pretrained model + tokenizer.")
+    p.add_argument("path", metavar="PATH", help="a checkpoint folder (checkpoints/step-*)")
+    p.add_argument("--to", required=True, metavar="DIR", help="Target folder (written atomically).")
+    p.add_argument("--force", action="store_true", help="Replace a non-empty --to folder.")
+    p.add_argument("--tokenizer", metavar="DIR", help="Tokenizer folder, if the run's cannot be found.")
+    p.add_argument("--cache_dir", metavar="DIR", help="The training's --cache_dir (to find its trained tokenizer).")
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

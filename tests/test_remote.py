@@ -1,0 +1,257 @@
+"""A remote output_dir: push and pull checkpoints through a real S3-compatible server (moto) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+from conftest import TINY_LM, Run, ok
+
+from resumable.checkpoint import MANIFEST, verify_checkpoint
+from resumable.remote import RemoteMirror, is_remote, staging_dir
+from resumable.retention import RetentionPolicy
+
+moto_server = pytest.importorskip("moto.server")
+s3fs = pytest.importorskip("s3fs")
+
+BUCKET = "runs"
+S4, S8 = "step-00000004", "step-00000008"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 in a thread on a loopback port; credentials and endpoint through the standard variables."""
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(logging.getLogger("werkzeug"), "level", logging.WARNING)  # one INFO line per request otherwise
+        for var in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(var, raising=False)
+        mp.setenv("AWS_ACCESS_KEY_ID", "testing")
+        mp.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        mp.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance made before these variables would keep its endpoint
+        fs = s3fs.S3FileSystem()
+        fs.mkdir(BUCKET)
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.fixture
+def url(s3) -> str:
+    return f"s3://{BUCKET}/run-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir) -> Path:
+    """A finished tiny run with checkpoints at steps 4 and 8, final/, COMPLETE."""
+    out = tmp_path_factory.mktemp("trained")
+    ok(Run([*TINY_LM, "--max_steps", "8", "--checkpointing_steps", "4"], out, cache_dir).run())
+    assert (out / "checkpoints" / S4).is_dir() and (out / "checkpoints" / S8).is_dir()
+    return out
+
+
+def _push_all(url: str, trained: Path) -> None:
+    mirror = RemoteMirror(url, trained)
+    for name in (S4, S8):
+        mirror.push_checkpoint(trained / "checkpoints" / name)
+    mirror.push_file("train_log.jsonl")
+
+
+def _warnings(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_is_remote_and_staging_dir(tmp_path):
+    assert is_remote("s3://bucket/run") and is_remote("gs://bucket/run") and is_remote("memory://x")
+    assert not is_remote("file:///tmp/run") and not is_remote("/tmp/run") and not is_remote("outputs/run")
+    assert not is_remote("C:\\runs\\x")
+    a = staging_dir("s3://bucket/run", tmp_path)
+    assert a == staging_dir("s3://bucket/run/", tmp_path) and a.parent == tmp_path / "staging"
+    assert a != staging_dir("s3://bucket/run2", tmp_path)
+
+
+@pytest.mark.slow
+def test_round_trip_is_byte_identical(url, trained, tmp_path, s3, monkeypatch):
+    _push_all(url, trained)
+    local = tmp_path / "staging"
+    mirror = RemoteMirror(url, local)
+    assert mirror.remote_checkpoints() == [S4, S8]
+    assert mirror.pull_latest_valid() == S8
+    _same_files(trained / "checkpoints" / S8, local / "checkpoints" / S8)
+    assert verify_checkpoint(local / "checkpoints" / S8) is None
+    assert (local / "train_log.jsonl").read_bytes() == (trained / "train_log.jsonl").read_bytes()
+    assert sorted(p.name for p in (local / "checkpoints").iterdir()) == [S8]  # no temporary folder left
+
+    # a second pull (another process on the node, a rerun) finds the checkpoint in place: only the small files move
+    real_get = mirror.fs.get_file
+
+    def no_checkpoint_download(rpath, lpath, *args, **kwargs):
+        assert "/checkpoints/" not in rpath, f"downloaded {rpath} again"
+        return real_get(rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "get_file", no_checkpoint_download)
+    assert mirror.pull_latest_valid() == S8
+
+
+@pytest.mark.slow
+def test_upload_killed_half_way_is_skipped(url, trained, tmp_path, s3, monkeypatch, caplog):
+    mirror = RemoteMirror(url, trained)
+    mirror.push_checkpoint(trained / "checkpoints" / S4)
+    real_put, done = mirror.fs.put_file, []
+
+    def dies_after_two(lpath, rpath, *args, **kwargs):
+        if len(done) == 2:
+            raise KeyboardInterrupt("killed mid-upload")  # not an OSError: no retry, like a SIGKILL
+        done.append(rpath)
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "put_file", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        mirror.push_checkpoint(trained / "checkpoints" / S8)
+    assert len(s3.ls(f"{url}/checkpoints/{S8}")) == 2  # data files there, no manifest
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        assert RemoteMirror(url, tmp_path / "a").pull_latest_valid() == S4
+    assert f"{S8}: {MANIFEST} missing" in _warnings(caplog)
+    assert not (tmp_path / "a" / "checkpoints" / S8).exists()
+
+
+@pytest.mark.slow
+def test_manifest_naming_a_missing_file_is_skipped(url, trained, tmp_path, s3, caplog):
+    _push_all(url, trained)
+    s3.rm(f"{url}/checkpoints/{S8}/scheduler.bin")
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        assert RemoteMirror(url, tmp_path / "a").pull_latest_valid() == S4
+    assert f"{S8}: scheduler.bin missing" in _warnings(caplog)
+
+
+@pytest.mark.slow
+def test_corrupted_remote_file_is_skipped_naming_it(url, trained, tmp_path, s3, caplog):
+    _push_all(url, trained)
+    path = f"{url}/checkpoints/{S8}/optimizer.bin"
+    data = bytearray(s3.cat_file(path))
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 can tell
+    s3.pipe_file(path, bytes(data))
+    local = tmp_path / "a"
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        assert RemoteMirror(url, local).pull_latest_valid() == S4
+    assert f"{S8}: optimizer.bin sha256 mismatch" in _warnings(caplog)
+    assert sorted(p.name for p in (local / "checkpoints").iterdir()) == [S4]  # the bad download was thrown away
+    _same_files(trained / "checkpoints" / S4, local / "checkpoints" / S4)
+
+
+@pytest.mark.slow
+def test_invalid_local_copy_is_replaced_by_the_remote_one(url, trained, tmp_path):
+    _push_all(url, trained)
+    local = tmp_path / "a"
+    shutil.copytree(trained / "checkpoints" / S8, local / "checkpoints" / S8)
+    (local / "checkpoints" / S8 / "model.safetensors").write_bytes(b"truncated")
+    assert RemoteMirror(url, local).pull_latest_valid() == S8
+    _same_files(trained / "checkpoints" / S8, local / "checkpoints" / S8)
+
+
+@pytest.mark.slow
+def test_delete_removes_the_manifest_first(url, trained, tmp_path, s3, monkeypatch, caplog):
+    _push_all(url, trained)
+    mirror = RemoteMirror(url, trained)
+    real_rm = mirror.fs.rm
+
+    def crash_on_folder(path, recursive=False, *args, **kwargs):
+        if recursive:
+            raise KeyboardInterrupt("killed between manifest and data delete")
+        return real_rm(path, recursive, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "rm", crash_on_folder)
+    with pytest.raises(KeyboardInterrupt):
+        mirror.delete_remote([S8])
+    left = {p.rsplit("/", 1)[-1] for p in s3.ls(f"{url}/checkpoints/{S8}", refresh=True)}
+    assert "optimizer.bin" in left and MANIFEST not in left  # half-deleted: data without a manifest
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        assert RemoteMirror(url, tmp_path / "a").pull_latest_valid() == S4
+    assert f"{S8}: {MANIFEST} missing" in _warnings(caplog)
+
+    monkeypatch.setattr(mirror.fs, "rm", real_rm)
+    mirror.delete_remote([S8])  # finishing the delete later works on what is left
+    assert mirror.remote_checkpoints() == [S4]
+
+
+@pytest.mark.slow
+def test_prune_remote_applies_the_policy_to_remote_checkpoints(url, trained):
+    _push_all(url, trained)
+    mirror = RemoteMirror(url, trained)
+    assert mirror.prune_remote(RetentionPolicy(keep_last=1, keep_best=0)) == [S4]
+    assert mirror.remote_checkpoints() == [S8]
+
+
+@pytest.mark.slow
+def test_transient_errors_are_retried(url, trained, monkeypatch, caplog):
+    mirror = RemoteMirror(url, trained, backoff_s=0)
+    real_put, failures = mirror.fs.put_file, []
+
+    def flaky(lpath, rpath, *args, **kwargs):
+        if len(failures) < 2:
+            failures.append(rpath)
+            raise ConnectionResetError("connection reset by peer")
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "put_file", flaky)
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        mirror.push_checkpoint(trained / "checkpoints" / S4)
+    assert _warnings(caplog).count("retrying") == 2
+    assert mirror.push_missing() == [S8]  # S4's remote manifest matches: only S8 goes
+    assert mirror.push_missing() == []
+
+
+@pytest.mark.slow
+def test_push_complete_sends_complete_last_and_a_pull_then_stops(url, trained, tmp_path, monkeypatch, s3):
+    mirror = RemoteMirror(url, trained)
+    real_put, order = mirror.fs.put_file, []
+
+    def recording(lpath, rpath, *args, **kwargs):
+        order.append(rpath[len(mirror.root) + 1 :])
+        return real_put(lpath, rpath, *args, **kwargs)
+
+    monkeypatch.setattr(mirror.fs, "put_file", recording)
+    s3.pipe_file(f"{url}/final/stale.bin", b"from an older finish")
+    mirror.push_complete()
+    assert order[-1] == "COMPLETE" and "final/model.safetensors" in order and "final_metrics.json" in order
+    final = sorted(p[len(mirror.root) + 1 :] for p in s3.find(f"{url}/final"))
+    assert final == sorted(
+        f"final/{p.relative_to(trained / 'final')}" for p in (trained / "final").rglob("*") if p.is_file()
+    )
+    assert mirror.is_complete()
+
+    local = tmp_path / "a"
+    assert RemoteMirror(url, local).pull_latest_valid() is None  # finished: nothing to resume
+    assert (local / "COMPLETE").is_file() and not (local / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_local_complete_not_on_the_remote_is_dropped(url, trained, tmp_path, caplog):
+    _push_all(url, trained)
+    local = tmp_path / "a"
+    local.mkdir()
+    (local / "COMPLETE").write_text("{}")  # the finish ran here but its push never got through
+    with caplog.at_level(logging.WARNING, logger="resumable"):
+        assert RemoteMirror(url, local).pull_latest_valid() == S8
+    assert not (local / "COMPLETE").exists() and "finish again" in _warnings(caplog)
