@@ -30,7 +30,7 @@ from resumable.retention import RetentionPolicy, describe, pools, remove_checkpo
 
 def _local(arg: str, what: str) -> Path:
     if "://" in arg:
-        raise UserError(f"{arg}: remote {what}s are not supported yet; copy it to a local folder first")
+        raise UserError(f"{arg}: remote paths are not supported yet; copy the {what} to a local folder first")
     path = Path(arg).expanduser()
     if not path.exists():
         raise UserError(f"{arg}: no such {what}")
@@ -182,8 +182,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     checkpoints, run = open_store(args.output_dir)
-    if args.keep < 1:
-        raise UserError(f"--keep must be >= 1, got {args.keep}")
     if args.keep_best < 1:
         raise UserError(f"--keep_best must be >= 1 (prune never deletes the best checkpoint), got {args.keep_best}")
     reasons = check_all(checkpoints, deep=not args.quick)
@@ -225,6 +223,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 # --- command line
 
 
+def at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we want one line
         raise UserError(f"{self.prog}: {message}")
@@ -238,8 +249,8 @@ def add_policy_flags(p: argparse.ArgumentParser, keep_best: int = 1) -> None:
         default=None,
         help="Whether a larger metric is better (default: inferred from its name, as in training).",
     )
-    p.add_argument("--keep_best", type=int, default=keep_best, help="Best pool size (default %(default)s).")
-    p.add_argument("--keep_epoch_every", type=int, default=0, help="Epoch pool: every k-th epoch end; 0 off.")
+    p.add_argument("--keep_best", type=at_least(0), default=keep_best, help="Best pool size (default %(default)s).")
+    p.add_argument("--keep_epoch_every", type=at_least(0), default=0, help="Epoch pool: every k-th epoch end; 0 off.")
 
 
 def build_parser() -> Parser:
@@ -249,7 +260,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("list", help="Table of checkpoints: step, epoch, metric, size, validity, pools.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
-    p.add_argument("--keep_last", type=int, default=None, help="Rolling pool size to show (default: all).")
+    p.add_argument("--keep_last", type=at_least(1), default=None, help="Rolling pool size to show (default: all).")
     add_policy_flags(p)
     p.add_argument("--deep", action="store_true", help="Recompute sha256 of every file (default: sizes only).")
     p.set_defaults(func=cmd_list)
@@ -265,7 +276,7 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("prune", help="Delete checkpoints no retention pool wants (dry run unless --yes).")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
-    p.add_argument("--keep", type=int, required=True, help="Rolling pool: keep the newest N valid checkpoints.")
+    p.add_argument("--keep", type=at_least(1), required=True, help="Rolling pool: keep the newest N valid checkpoints.")
     add_policy_flags(p)
     p.add_argument("--quick", action="store_true", help="Judge validity by file sizes only (default: sha256).")
     p.add_argument("--yes", action="store_true", help="Really delete (default: print what would be deleted).")
