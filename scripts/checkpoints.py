@@ -66,6 +66,20 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+def manifest_or_none(folder: Path) -> dict | None:
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def listed_bytes(folder: Path) -> int:
+    """Bytes of the files the manifest lists (what a deep verify reads, at most)."""
+    files = (manifest_or_none(folder) or {}).get("files", {})
+    return sum(meta.get("size", 0) for name, meta in files.items() if (folder / name).is_file())
+
+
 def leftovers(checkpoints: Path) -> list[str]:
     """Folders of interrupted saves or deletes; training removes them after its next commit."""
     return sorted(p.name for p in checkpoints.glob(".t*-step-*"))
@@ -116,11 +130,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name, reason in reasons.items():
         folder = checkpoints / name
-        step, epoch, value = name.removeprefix("step-").lstrip("0") or "0", "?", "-"
+        m, step, epoch, value = manifest_or_none(folder), name.removeprefix("step-").lstrip("0") or "0", "?", "-"
+        if m is not None:  # an invalid checkpoint's manifest may still say what it was
+            step, epoch = str(m.get("step", step)), f"{m.get('epoch', '?')}{'*' if m.get('epochs_done') else ''}"
         if reason is None:
-            m, info = read_manifest(folder), describe(folder, policy.metric)
-            step, epoch = str(m["step"]), f"{m['epoch']}{'*' if m.get('epochs_done') else ''}"
-            value = "-" if info.metric is None else f"{info.metric:.6g}"
+            metric = describe(folder, policy.metric).metric
+            value = "-" if metric is None else f"{metric:.6g}"
         kept = ", ".join(sorted(wanted.get(name, ()))) or ("(never pruned)" if reason else "(prunable)")
         rows.append([name, step, epoch, value, human(folder_bytes(folder)), reason or "yes", kept])
     print_table(["name", "step", "epoch", policy.metric, "size", "valid", "kept by"], rows)
@@ -141,8 +156,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     folders = list_checkpoints(checkpoints)
     for folder in folders:
         reason = verify_checkpoint(folder, deep=not args.quick)
+        checked += listed_bytes(folder)
         if reason is None:
-            checked += sum(meta["size"] for meta in read_manifest(folder)["files"].values())
             print(f"{folder.name}  ok")
         else:
             bad += 1
@@ -150,7 +165,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     if not folders:
         print(f"no checkpoints in {checkpoints}")
-    what = "checked sizes of" if args.quick else "hashed"
+    what = "checked sizes of" if args.quick else "read"
     rate = f" ({checked / 1e6 / seconds:.1f} MB/s)" if checked and not args.quick else ""
     print(f"{len(folders)} checkpoint(s), {bad} invalid; {what} {human(checked)} in {seconds:.2f} s{rate}")
     for name in leftovers(checkpoints):

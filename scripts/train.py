@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import secrets
 import sys
 import time
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- accelerator
     trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.report_to, [cfg.report_to])
+    if trackers and "wandb" in trackers:
+        os.environ.setdefault("WANDB_DIR", str(out))  # keep wandb's files with the run, not in the cwd
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,

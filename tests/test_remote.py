@@ -12,6 +12,7 @@ import pytest
 from conftest import TINY_LM, Run, ok
 
 from resumable.checkpoint import MANIFEST, verify_checkpoint
+from resumable.errors import UserError
 from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.retention import RetentionPolicy
 
@@ -89,6 +90,8 @@ def test_is_remote_and_staging_dir(tmp_path):
     a = staging_dir("s3://bucket/run", tmp_path)
     assert a == staging_dir("s3://bucket/run/", tmp_path) and a.parent == tmp_path / "staging"
     assert a != staging_dir("s3://bucket/run2", tmp_path)
+    with pytest.raises(UserError, match="nosuchproto://x"):
+        RemoteMirror("nosuchproto://x/run", tmp_path)
 
 
 @pytest.mark.slow
@@ -218,6 +221,16 @@ def test_transient_errors_are_retried(url, trained, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="resumable"):
         mirror.push_checkpoint(trained / "checkpoints" / S4)
     assert _warnings(caplog).count("retrying") == 2
+
+    def denied(*args, **kwargs):
+        failures.append(args)
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(mirror.fs, "put_file", denied)
+    with pytest.raises(PermissionError):  # an answer, not an accident: no second try
+        mirror.push_file("train_log.jsonl")
+    assert len(failures) == 3
+    monkeypatch.setattr(mirror.fs, "put_file", real_put)
     others = sorted(p.name for p in (trained / "checkpoints").glob("step-*") if p.name != S4)
     assert S8 in others and mirror.push_missing() == others  # S4's remote manifest matches: the rest go
     assert mirror.push_missing() == []

@@ -91,3 +91,14 @@ def test_save_total_limit_keeps_newest_and_best(tmp_path, cache_dir):
     best = json.loads((tmp_path / "final_metrics.json").read_text())["best_step"]
     assert steps[-1] == 27 and best in steps
     assert len(set(steps) - {best}) <= 2
+
+
+def test_wandb_offline_resume_continues_the_same_run(tmp_path, cache_dir):
+    """The tracker run id lives in the checkpoint: a resumed run logs into the same wandb run."""
+    args = [*TINY_LM, "--report_to", "wandb", "--num_train_epochs", "1"]
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    Run([*args, "--max_steps_per_run", "4"], tmp_path, cache_dir, env=env).run_expecting(75)
+    ok(Run(args, tmp_path, cache_dir, env=env).run())
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    run_id = json.loads((tmp_path / "checkpoints" / "step-00000004" / "progress.json").read_text())["tracker_run_id"]
+    assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)

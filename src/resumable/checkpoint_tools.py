@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -53,10 +55,18 @@ def weights_summary(path: Path) -> list[str]:
 
 def load_safely(path: Path) -> Any:
     """torch.load that refuses pickled code; mmap so a multi-GB optimizer state is not read just to summarise it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a refused pickle, a truncated zip, an old format: all mean "not loadable safely"
-        raise UserError(f"{path}: could not be loaded safely ({str(err).strip().splitlines()[0]})") from None
+    with warnings.catch_warnings():  # torch warns about pickle protocols of planted files: the error says enough
+        warnings.simplefilter("ignore")
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # mmap needs the zip format: retry plainly, so the error reported is the real one
+            pass
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # torch's own message suggests the unsafe load: never repeat that advice
+            raise UserError(f"{path}: refused: it holds objects other than tensors and plain data") from None
+        except Exception as err:
+            raise UserError(f"{path}: could not be loaded ({str(err).strip().splitlines()[0]})") from None
 
 
 def optimizer_summary(path: Path) -> list[str]:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from resumable.checkpoint import MANIFEST, _manifest_digest, list_checkpoints, read_manifest, verify_checkpoint
+from resumable.errors import UserError
 from resumable.retention import CheckpointInfo, RetentionPolicy, pools
 
 log = logging.getLogger("resumable")
@@ -35,9 +36,20 @@ STEP_DIR = re.compile(r"step-(\d+)")
 PULLED_FILES = ("train_log.jsonl", "run_status.json")  # the small files a resumed run continues from
 FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "run_status.json")
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: export pulls in matplotlib)
-# Errors worth another try: network trouble surfaces as OSError (s3fs translates botocore errors to it);
-# these subclasses are answers, not accidents, and another try gets the same answer.
-PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+# Errors not worth another try: answers (s3fs maps NoSuchKey, AccessDenied, ... to these) and bugs. Everything
+# else is retried: after s3fs's own retries, network trouble still surfaces as botocore or aiohttp exceptions
+# that share no base class with OSError.
+PERMANENT = (
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    NotImplementedError,
+)
 
 
 def is_remote(path: str) -> bool:
@@ -67,7 +79,11 @@ class RemoteMirror:
         import fsspec  # lazily: a run with a local output_dir never needs it
 
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        except (ImportError, ValueError) as err:  # no s3fs/gcsfs installed, or a protocol fsspec does not know
+            hint = "pip install 'resumable[remote]' for s3://, gcsfs for gs://"
+            raise UserError(f"--output_dir {url}: {str(err).splitlines()[0]} ({hint})") from None
         self.root = self.root.rstrip("/")
         self.local_dir = Path(local_dir)
         self.retries, self.backoff_s = retries, backoff_s
@@ -84,7 +100,7 @@ class RemoteMirror:
                 return fn(*args)
             except PERMANENT:
                 raise
-            except OSError as err:
+            except Exception as err:
                 if attempt == self.retries:
                     raise
                 delay = self.backoff_s * 2**attempt
