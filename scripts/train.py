@@ -26,11 +26,12 @@ from resumable.checkpoint import (
     save_checkpoint,
     step_name,
 )
-from resumable.config import TrainConfig, parse_config, parse_duration
+from resumable.config import TrainConfig, cache_root, parse_config, parse_duration
 from resumable.errors import UserError, exit_on_user_error
 from resumable.export import COMPLETE, finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
 from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
+from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.retention import RetentionPolicy, best_checkpoint, prune_checkpoints
 
 
@@ -53,6 +54,17 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     # --- config
     cfg = parse_config(argv)
+    mirror = None
+    if is_remote(cfg.output_dir):  # s3:// or gs://: train in a local staging dir, the bucket is the durable copy
+        mirror = RemoteMirror(cfg.output_dir, staging_dir(cfg.output_dir, cache_root(cfg)))
+        if mirror.is_complete():
+            print(f"{mirror.url} is already complete; nothing to do.")
+            return EXIT_FINISHED
+        cfg.output_dir = str(mirror.local_dir)
+        if cfg.resume_from_checkpoint in ("auto", "latest"):
+            mirror.pull_latest_valid()  # every process calls it; a lock makes one of them download
+        elif cfg.resume_from_checkpoint == "best" and (name := mirror.best_remote(RetentionPolicy.from_config(cfg))):
+            mirror.pull_checkpoint(name)
     out = Path(cfg.output_dir)
     if (out / COMPLETE).exists():
         print(f"{out} is already complete (final model in {out / 'final'}); nothing to do.")
@@ -91,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopRequest(parse_signals(cfg.stop_signals), budget, cfg.max_steps_per_run).install()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        if mirror:
+            mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
 
     # --- data
     set_seed(cfg.seed)
@@ -174,11 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         if last_saved == progress.step:
             return
         t0 = time.perf_counter()
-        save_checkpoint(accelerator, cfg.checkpoints_dir, progress, {"settings": cfg.resume_settings()})
-        stop.note_save(time.perf_counter() - t0)
-        last_saved = progress.step
+        folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, {"settings": cfg.resume_settings()})
         if is_main:
             prune_checkpoints(cfg.checkpoints_dir, policy)
+            if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
+                mirror.push_checkpoint(folder)
+                mirror.push_file("train_log.jsonl")
+                mirror.prune_remote(policy)
+        stop.note_save(time.perf_counter() - t0)  # --max_run_time leaves room for the save and its upload
+        last_saved = progress.step
 
     # --- training loop
     interrupted = progress.eval_pending and not run_eval()
@@ -268,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         if is_main:
             elapsed = time.monotonic() - stop.started
             write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, reason=stop.reason or "", elapsed=elapsed)
+            if mirror:
+                mirror.push_file("run_status.json")
         accelerator.end_training()
         return EXIT_REQUEUE
     save()
@@ -275,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         final_metrics = finish_run(
             out, accelerator.unwrap_model(model), tokenizer, progress, baselines(cfg.task, train_ds, eval_ds)
         )
+        if mirror:
+            mirror.push_complete()  # final/, metrics, logs, then COMPLETE last
         print(json.dumps(final_metrics))
     accelerator.end_training()
     return EXIT_FINISHED

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import threading
 import uuid
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from conftest import TINY_LM, Run, ok
 from resumable.checkpoint import MANIFEST, verify_checkpoint
 from resumable.errors import UserError
 from resumable.remote import RemoteMirror, is_remote, staging_dir
-from resumable.retention import RetentionPolicy
+from resumable.retention import RetentionPolicy, best_checkpoint
 
 moto_server = pytest.importorskip("moto.server")
 s3fs = pytest.importorskip("s3fs")
@@ -269,3 +270,62 @@ def test_local_complete_not_on_the_remote_is_dropped(url, trained, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="resumable"):
         assert RemoteMirror(url, local).pull_latest_valid() == S8
     assert not (local / "COMPLETE").exists() and "finish again" in _warnings(caplog)
+
+
+@pytest.mark.slow
+def test_concurrent_pulls_on_one_node_download_once(url, trained, tmp_path, monkeypatch):
+    """Every process of a node calls pull at start: the lock lets one download while the others wait."""
+    _push_all(url, trained)
+    local, results, downloads = tmp_path / "a", [], []
+    mirrors = [RemoteMirror(url, local) for _ in range(3)]
+    real_get = mirrors[0].fs.get_file  # one cached filesystem instance behind all three
+
+    def counting(rpath, lpath, *args, **kwargs):
+        downloads.append(rpath)
+        return real_get(rpath, lpath, *args, **kwargs)
+
+    monkeypatch.setattr(mirrors[0].fs, "get_file", counting)
+    threads = [threading.Thread(target=lambda m=m: results.append(m.pull_latest_valid())) for m in mirrors]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [S8] * 3
+    model_gets = [d for d in downloads if d.endswith(f"{S8}/model.safetensors")]
+    assert len(model_gets) == 1
+    _same_files(trained / "checkpoints" / S8, local / "checkpoints" / S8)
+
+
+@pytest.mark.slow
+def test_best_remote_matches_the_local_choice_and_pulls(url, trained, tmp_path):
+    mirror = RemoteMirror(url, trained)
+    mirror.push_missing()
+    policy = RetentionPolicy(keep_best=1)
+    expected = best_checkpoint(trained / "checkpoints", policy)
+    assert expected is not None and mirror.best_remote(policy) == expected.name
+    local = tmp_path / "a"
+    assert RemoteMirror(url, local).pull_checkpoint(expected.name) is None
+    _same_files(expected, local / "checkpoints" / expected.name)
+    assert RemoteMirror(url, local).pull_checkpoint("step-00000099") == f"{MANIFEST} missing (incomplete upload)"
+
+
+@pytest.mark.slow
+def test_train_py_on_an_s3_output_dir_resumes_bitwise_on_a_fresh_machine(
+    s3, url, tmp_path, tmp_path_factory, cache_dir
+):
+    """scripts/train.py --output_dir s3://...: stop, lose the local disk, run again: same result, all in the bucket."""
+    from conftest import assert_bitwise_same_run
+    from test_resume_exact import reference
+
+    ref = reference(tmp_path_factory, cache_dir, TINY_LM)
+    Run([*TINY_LM, "--max_steps_per_run", "13"], url, cache_dir).run_expecting(75)
+    assert s3.exists(f"{url}/checkpoints/step-00000013/manifest.json")
+    shutil.rmtree(staging_dir(url, cache_dir))  # a new machine: nothing local but the dataset cache
+    result = ok(Run(TINY_LM, url, cache_dir).run())
+    assert "Resuming from" in result.stdout + result.stderr and "step 13," in result.stdout + result.stderr
+    assert s3.exists(f"{url}/COMPLETE")
+    s3.get(f"{url}/train_log.jsonl", str(tmp_path / "train_log.jsonl"))
+    s3.get(f"{url}/final/", str(tmp_path / "final"), recursive=True)
+    assert_bitwise_same_run(ref, tmp_path)
+    again = ok(Run(TINY_LM, url, cache_dir).run())
+    assert "already complete" in again.stdout

@@ -26,7 +26,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from resumable.checkpoint import MANIFEST, _manifest_digest, list_checkpoints, read_manifest, verify_checkpoint
+from resumable.checkpoint import (
+    MANIFEST,
+    _fsync_dir,
+    _manifest_digest,
+    list_checkpoints,
+    read_manifest,
+    verify_checkpoint,
+)
 from resumable.errors import UserError
 from resumable.retention import CheckpointInfo, RetentionPolicy, pools
 
@@ -39,17 +46,8 @@ COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: e
 # Errors not worth another try: answers (s3fs maps NoSuchKey, AccessDenied, ... to these) and bugs. Everything
 # else is retried: after s3fs's own retries, network trouble still surfaces as botocore or aiohttp exceptions
 # that share no base class with OSError.
-PERMANENT = (
-    FileNotFoundError,
-    PermissionError,
-    IsADirectoryError,
-    NotADirectoryError,
-    FileExistsError,
-    TypeError,
-    ValueError,
-    AttributeError,
-    NotImplementedError,
-)
+ANSWERS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+PERMANENT = (*ANSWERS, TypeError, ValueError, AttributeError, NotImplementedError)
 
 
 def is_remote(path: str) -> bool:
@@ -169,9 +167,7 @@ class RemoteMirror:
         brings only COMPLETE and run_status.json (None returned). Every process may call this: a lock file
         makes the others wait for the first, then find everything in place.
         """
-        self.local_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.local_dir / ".pull.lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        with self._lock():
             sizes = self._sizes()
             if COMPLETE in sizes:  # nothing to resume: train.py's own COMPLETE check ends the run
                 for fname in ("run_status.json", COMPLETE):
@@ -193,17 +189,35 @@ class RemoteMirror:
                         self._get(self.local_dir / fname, fname)
             return pulled
 
+    @contextlib.contextmanager
+    def _lock(self):
+        """One process per staging folder pulls at a time; the others then find its downloads in place."""
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.local_dir / ".pull.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+            yield
+
     def _pull_newest(self) -> str | None:
-        checkpoints = self.local_dir / "checkpoints"
         for name in reversed(self.remote_checkpoints()):
-            local = checkpoints / name
-            if local.is_dir() and verify_checkpoint(local) is None:
-                return name
-            reason = self._download(name, checkpoints)
+            reason = self._pull_one(name)
             if reason is None:
                 return name
             log.warning("skipping remote checkpoint %s/checkpoints/%s: %s", self.url, name, reason)
         return None
+
+    def pull_checkpoint(self, name: str) -> str | None:
+        """Make remote checkpoint `name` present and valid locally; None on success, else why it cannot be.
+
+        A valid local copy is kept as it is; an invalid one is replaced only once the download verifies.
+        """
+        with self._lock():
+            return self._pull_one(name)
+
+    def _pull_one(self, name: str) -> str | None:
+        checkpoints = self.local_dir / "checkpoints"
+        if (checkpoints / name).is_dir() and verify_checkpoint(checkpoints / name) is None:
+            return None
+        return self._download(name, checkpoints)
 
     def _check_remote(self, name: str) -> tuple[bytes, dict, str | None]:
         """Remote checkpoint `name`: its manifest (raw, parsed) and why it is not complete (None: it looks it).
@@ -311,18 +325,28 @@ class RemoteMirror:
             self._rm("checkpoints", name, MANIFEST)
             self._rm("checkpoints", name, recursive=True)
 
-    def prune_remote(self, policy: RetentionPolicy) -> list[str]:
-        """Apply `policy` to the remote checkpoints themselves (the staging folder may hold only the newest).
-
-        A remote checkpoint counts as valid when its manifest is there and every listed file has its size (no
-        download to hash); invalid ones are left alone, as locally. Returns the names deleted.
-        """
+    def _remote_infos(self, metric: str) -> list[CheckpointInfo]:
+        """The remote checkpoints that look complete (manifest checksum, every file at its size; nothing hashed)."""
         infos = []
         for name in self.remote_checkpoints():
             _, m, reason = self._check_remote(name)
             if reason is None:
-                metric = m.get("metrics", {}).get(policy.metric) if m.get("metrics_step") == m["step"] else None
-                infos.append(CheckpointInfo(name, m["step"], m.get("epochs_done"), metric))
+                value = m.get("metrics", {}).get(metric) if m.get("metrics_step") == m["step"] else None
+                infos.append(CheckpointInfo(name, m["step"], m.get("epochs_done"), value))
+        return infos
+
+    def best_remote(self, policy: RetentionPolicy) -> str | None:
+        """Name of the remote checkpoint with the best metric measured at its own step (for `best` resumes)."""
+        infos = self._remote_infos(policy.metric)
+        best_only = RetentionPolicy(keep_best=1, metric=policy.metric, greater_is_better=policy.greater_is_better)
+        return next((n for n, wanted_by in pools(infos, best_only).items() if "best" in wanted_by), None)
+
+    def prune_remote(self, policy: RetentionPolicy) -> list[str]:
+        """Apply `policy` to the remote checkpoints themselves (the staging folder may hold only the newest).
+
+        Invalid remote checkpoints are left alone, as locally. Returns the names deleted.
+        """
+        infos = self._remote_infos(policy.metric)
         doomed = [name for name, wanted_by in pools(infos, policy).items() if not wanted_by]
         self.delete_remote(doomed)
         return doomed
@@ -341,8 +365,4 @@ def _commit_folder(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_dir(final.parent)
