@@ -20,17 +20,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.checkpoint import MANIFEST, list_checkpoints, read_manifest, verify_checkpoint
 from resumable.checkpoint_tools import human
+from resumable.config import cache_root
 from resumable.errors import UserError, exit_on_user_error
 from resumable.export import COMPLETE
+from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.retention import RetentionPolicy, describe, pools, remove_checkpoint
 
-# --- filesystem access: the only functions that touch paths given on the command line. A remote store (fsspec
-# URL) plugs in here, e.g. by mirroring the manifest-listed files into a local cache for the read-only commands.
+# --- filesystem access: the only functions that turn command-line paths into folders. A remote run (s3:// ...)
+# plugs in at `_local`, e.g. by pulling it into a local staging folder with resumable.remote.RemoteMirror.
+
+
+MIRRORS: dict[Path, RemoteMirror] = {}  # staging checkpoints folder -> its remote run
+REMOTE_INVALID: dict[str, str] = {}  # remote checkpoint name -> why it could not be pulled
+
+
+def _pull_remote(url: str) -> Path:
+    """A remote run (s3://...): pull every checkpoint that verifies into the local staging folder train.py uses."""
+    mirror = RemoteMirror(url, staging_dir(url, cache_root()))
+    mirror.pull_latest_valid()  # also brings COMPLETE / run_status.json
+    for name in mirror.remote_checkpoints():
+        reason = mirror.pull_checkpoint(name)
+        if reason:
+            REMOTE_INVALID[name] = f"remote: {reason}"
+    MIRRORS[mirror.local_dir / "checkpoints"] = mirror
+    (mirror.local_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    return mirror.local_dir
 
 
 def _local(arg: str, what: str) -> Path:
-    if "://" in arg:
-        raise UserError(f"{arg}: remote paths are not supported yet; copy the {what} to a local folder first")
+    if is_remote(arg):
+        if what != "run directory":
+            raise UserError(f"{arg}: for a remote run, pass the run URL (its checkpoints are pulled and checked)")
+        return _pull_remote(arg)
     path = Path(arg).expanduser()
     if not path.exists():
         raise UserError(f"{arg}: no such {what}")
@@ -63,7 +84,7 @@ def open_checkpoint(arg: str) -> Path:
 
 
 def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
 
 
 def manifest_or_none(folder: Path) -> dict | None:
@@ -102,16 +123,29 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
 
 
-def policy_from(args: argparse.Namespace, keep_last: int | None) -> RetentionPolicy:
+def policy_from(args: argparse.Namespace, keep_last: int | None, checkpoints: Path) -> RetentionPolicy:
+    """The flags' policy; metric and direction default to what the run recorded in its newest manifest."""
+    recorded: dict = {}
+    for folder in reversed(list_checkpoints(checkpoints)):
+        try:
+            recorded = read_manifest(folder).get("retention") or {}
+            break
+        except (OSError, ValueError):
+            continue
+    metric = args.metric or recorded.get("metric", "eval/loss")
     better = args.greater_is_better
-    if better is None:  # the same inference as --greater_is_better in training
-        better = not args.metric.endswith(("loss", "perplexity"))
-    return RetentionPolicy(keep_last, args.keep_epoch_every, args.keep_best, args.metric, better)
+    if better is None:  # what the run used, else the same inference as --greater_is_better in training
+        better = recorded.get("greater_is_better") if metric == recorded.get("metric") else None
+        better = not metric.endswith(("loss", "perplexity")) if better is None else better
+    return RetentionPolicy(keep_last, args.keep_epoch_every, args.keep_best, metric, better)
 
 
 def check_all(checkpoints: Path, deep: bool) -> dict[str, str | None]:
-    """Name -> None if valid, else the reason."""
-    return {f.name: verify_checkpoint(f, deep=deep) for f in list_checkpoints(checkpoints)}
+    """Name -> None if valid, else the reason (remote checkpoints that failed to pull included)."""
+    reasons = {f.name: verify_checkpoint(f, deep=deep) for f in list_checkpoints(checkpoints)}
+    if checkpoints in MIRRORS:
+        reasons.update(REMOTE_INVALID)
+    return dict(sorted(reasons.items()))
 
 
 def wanted_by(checkpoints: Path, reasons: dict[str, str | None], policy: RetentionPolicy) -> dict[str, set[str]]:
@@ -125,7 +159,7 @@ def wanted_by(checkpoints: Path, reasons: dict[str, str | None], policy: Retenti
 def cmd_list(args: argparse.Namespace) -> int:
     checkpoints, run = open_store(args.output_dir)
     reasons = check_all(checkpoints, deep=args.deep)
-    policy = policy_from(args, args.keep_last)
+    policy = policy_from(args, args.keep_last, checkpoints)
     wanted = wanted_by(checkpoints, reasons, policy)
     rows = []
     for name, reason in reasons.items():
@@ -162,6 +196,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
         else:
             bad += 1
             print(f"{folder.name}  CORRUPT: {reason}")
+    if checkpoints in MIRRORS:  # remote ones that did not verify were never downloaded
+        for name, reason in sorted(REMOTE_INVALID.items()):
+            bad += 1
+            print(f"{name}  CORRUPT: {reason}")
     seconds = time.perf_counter() - t0
     if not folders:
         print(f"no checkpoints in {checkpoints}")
@@ -200,7 +238,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.keep_best < 1:
         raise UserError(f"--keep_best must be >= 1 (prune never deletes the best checkpoint), got {args.keep_best}")
     reasons = check_all(checkpoints, deep=not args.quick)
-    wanted = wanted_by(checkpoints, reasons, policy_from(args, args.keep))
+    wanted = wanted_by(checkpoints, reasons, policy_from(args, args.keep, checkpoints))
     doomed = [name for name, by in wanted.items() if not by]
     for name, reason in reasons.items():
         if reason is not None:
@@ -217,6 +255,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         return 0
     for name in doomed:
         remove_checkpoint(checkpoints / name)
+    if checkpoints in MIRRORS:  # manifest first on the remote too
+        MIRRORS[checkpoints].delete_remote(doomed)
     print(f"deleted {len(doomed)} checkpoint(s), freed {human(freed)}")
     if run is not None and not (run / COMPLETE).exists():
         print("note: the run is not complete; if it is still training, its own pruning uses its own flags")
@@ -227,7 +267,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from resumable.checkpoint_tools import export_checkpoint
 
     folder = open_checkpoint(args.path)
-    if "://" in args.to:
+    if is_remote(args.to):
         raise UserError(f"--to {args.to}: remote targets are not supported yet")
     target = Path(args.to).expanduser()
     export_checkpoint(folder, target, args.tokenizer, args.cache_dir, args.force)
@@ -256,15 +296,15 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message}")
 
 
-def add_policy_flags(p: argparse.ArgumentParser, keep_best: int = 1) -> None:
-    p.add_argument("--metric", default="eval/loss", help="Metric ranking the best pool (default eval/loss).")
+def add_policy_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metric", help="Metric ranking the best pool (default: the one the run tracked, else eval/loss).")
     p.add_argument(
         "--greater_is_better",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="Whether a larger metric is better (default: inferred from its name, as in training).",
     )
-    p.add_argument("--keep_best", type=at_least(0), default=keep_best, help="Best pool size (default %(default)s).")
+    p.add_argument("--keep_best", type=at_least(0), default=1, help="Best pool size (default %(default)s).")
     p.add_argument("--keep_epoch_every", type=at_least(0), default=0, help="Epoch pool: every k-th epoch end; 0 off.")
 
 

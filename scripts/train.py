@@ -8,6 +8,7 @@ Exit codes: 0 finished (or already complete), 75 checkpointed after a stop reque
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if last_saved == progress.step:
             return
         t0 = time.perf_counter()
-        folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, {"settings": cfg.resume_settings()})
+        recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
+        folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded)
         if is_main:
             prune_checkpoints(cfg.checkpoints_dir, policy)
             if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"  # botocore must never probe the cloud metadata address from tests
 PYTHON = sys.executable
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 TRAIN = str(REPO / "scripts" / "train.py")

@@ -329,3 +329,27 @@ def test_train_py_on_an_s3_output_dir_resumes_bitwise_on_a_fresh_machine(
     assert_bitwise_same_run(ref, tmp_path)
     again = ok(Run(TINY_LM, url, cache_dir).run())
     assert "already complete" in again.stdout
+
+
+@pytest.mark.slow
+def test_checkpoints_cli_lists_verifies_and_prunes_a_remote_run(s3, url, trained, tmp_path, monkeypatch, capsys):
+    import runpy
+
+    monkeypatch.setenv("RESUMABLE_CACHE", str(tmp_path / "cache"))
+    _push_all(url, trained)
+    s3.pipe(f"{url}/checkpoints/step-00000009/model.safetensors", b"half an upload")  # no manifest: incomplete
+
+    def cli(*argv: str) -> int:
+        monkeypatch.setattr("sys.argv", ["checkpoints.py", *argv])
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "checkpoints.py"), run_name="__main__")
+        return done.value.code
+
+    assert cli("list", url) == 0
+    listing = capsys.readouterr().out
+    assert S4 in listing and S8 in listing and "step-00000009" in listing
+    assert cli("verify", url) == 1  # the cut upload is reported
+    assert "step-00000009  CORRUPT: remote" in capsys.readouterr().out
+    assert cli("prune", url, "--keep", "1", "--keep_best", "1", "--yes") == 0
+    assert not s3.exists(f"{url}/checkpoints/{S4}/manifest.json")  # no pool wanted step 4 (step 5 is best)
+    assert s3.exists(f"{url}/checkpoints/{S8}/manifest.json")

@@ -8,20 +8,21 @@ manifest records, and needs the run's tokenizer (final/, the name in the setting
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pickle
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from resumable.checkpoint import MANIFEST, PROGRESS, read_manifest, verify_checkpoint
-from resumable.config import TrainConfig, field_names, parse_config
 from resumable.errors import UserError
+
+if TYPE_CHECKING:  # config pulls in transformers: not needed to list or verify
+    from resumable.config import TrainConfig
 
 WEIGHTS, OPTIMIZER, SCHEDULER = "model.safetensors", "optimizer.bin", "scheduler.bin"
 DATA_SETTINGS = ("train_file", "validation_file")  # validated on parse, yet irrelevant to the model config
@@ -141,6 +142,8 @@ def run_dir_of(checkpoint: Path) -> Path | None:
 
 def settings_config(settings: dict, output_dir: Path, cache_dir: str | None, with_data: bool) -> TrainConfig:
     """A TrainConfig from the manifest's recorded settings (unknown keys from other versions are dropped)."""
+    from resumable.config import field_names, parse_config
+
     argv = ["--output_dir", str(output_dir)] + (["--cache_dir", cache_dir] if cache_dir else [])
     for key, value in settings.items():
         if value is None or key not in field_names() or (key in DATA_SETTINGS and not with_data):
@@ -187,14 +190,11 @@ def _cached_bpe(checkpoint: Path, settings: dict, cache_dir: str | None, hint: s
     tokenizers = cache_root(cfg) / "tokenizers"
     if not tokenizers.is_dir():  # checked before loading data, which would build a corpus into a wrong cache
         raise UserError(f"no tokenizer cache at {tokenizers} (set --cache_dir to the training's cache){hint}")
-    from resumable.data import load_raw_datasets
+    from resumable.data import bpe_cache_dir, load_raw_datasets
 
-    train = load_raw_datasets(cfg)["train"]
-    # Mirrors the cache key of resumable.data._train_bpe; keep the two in step.
-    key = hashlib.sha256(f"{train._fingerprint}:{cfg.text_column}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
-    target = tokenizers / key[:16]
+    target = bpe_cache_dir(cfg, load_raw_datasets(cfg)["train"])
     if not (target / "tokenizer.json").is_file():
-        raise UserError(f"the run's tokenizer is not in the cache {tokenizers} (looked for {key[:16]}/){hint}")
+        raise UserError(f"the run's tokenizer is not in the cache {tokenizers} (looked for {target.name}/){hint}")
     return target
 
 
@@ -210,6 +210,8 @@ def rebuild_model(checkpoint: Path, tokenizer, settings: dict, cache_dir: str | 
     elif settings:
         cfg = settings_config(settings, run_dir or checkpoint, cache_dir, with_data=False)
         config = build_model_config(cfg, tokenizer)
+        if cfg.model_name_or_path and config.vocab_size < len(tokenizer):  # build_model resized the embeddings
+            config.vocab_size = len(tokenizer)
     else:
         raise UserError(f"{checkpoint}: the manifest records no settings and the run has no final/config.json")
     arch = (getattr(config, "architectures", None) or [""])[0]

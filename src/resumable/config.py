@@ -266,9 +266,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def cache_root(cfg: TrainConfig) -> Path:
-    """Where corpora, tokenizers and tokenized datasets are cached."""
-    root = cfg.cache_dir or os.environ.get("RESUMABLE_CACHE") or Path.home() / ".cache" / "resumable"
+def cache_root(cfg: TrainConfig | None = None) -> Path:
+    """Where corpora, tokenizers, tokenized datasets and remote staging folders are cached."""
+    root = (cfg and cfg.cache_dir) or os.environ.get("RESUMABLE_CACHE") or Path.home() / ".cache" / "resumable"
     return Path(root).expanduser()
 
 

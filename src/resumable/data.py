@@ -94,12 +94,17 @@ def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTok
     return tokenizer
 
 
+def bpe_cache_dir(cfg: TrainConfig, train: datasets.Dataset) -> Path:
+    """Where the BPE tokenizer trained on `train` is cached: keyed by the data's fingerprint and the settings."""
+    key = hashlib.sha256(f"{train._fingerprint}:{cfg.text_column}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
+    return cache_root(cfg) / "tokenizers" / key[:16]
+
+
 def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    key = hashlib.sha256(f"{train._fingerprint}:{cfg.text_column}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
-    target = cache_root(cfg) / "tokenizers" / key[:16]
+    target = bpe_cache_dir(cfg, train)
     if (target / "tokenizer.json").exists():
         return target
     tok = Tokenizer(models.BPE())

@@ -99,6 +99,10 @@ class RemoteMirror:
             except PERMANENT:
                 raise
             except Exception as err:
+                if "Credentials" in type(err).__name__:  # botocore's NoCredentialsError and friends: a setup error
+                    raise UserError(
+                        f"{self.url}: {err} (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
+                    ) from None
                 if attempt == self.retries:
                     raise
                 delay = self.backoff_s * 2**attempt

@@ -56,7 +56,7 @@ def pools(valid: list[CheckpointInfo], policy: RetentionPolicy) -> dict[str, set
     if not ordered:
         return wanted
     wanted[ordered[-1].name].add("newest")
-    rolling = ordered if policy.keep_last is None else ordered[-policy.keep_last :]
+    rolling = ordered if policy.keep_last is None else ordered[max(0, len(ordered) - policy.keep_last) :]  # 0: none
     for c in rolling:
         wanted[c.name].add("rolling")
     if policy.keep_epoch_every:
