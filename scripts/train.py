@@ -55,6 +55,9 @@ def resolve_resume(cfg: TrainConfig) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     # --- config
     cfg = parse_config(argv)
+    # handlers first: a preemption signal during the slow start-up must not kill the process
+    budget = parse_duration(cfg.max_run_time) if cfg.max_run_time else None
+    stop = StopRequest(parse_signals(cfg.stop_signals), budget, cfg.max_steps_per_run).install()
     mirror = None
     if is_remote(cfg.output_dir):  # s3:// or gs://: train in a local staging dir, the bucket is the durable copy
         mirror = RemoteMirror(cfg.output_dir, staging_dir(cfg.output_dir, cache_root(cfg)))
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.output_dir)
     if (out / COMPLETE).exists():
         print(f"{out} is already complete (final model in {out / 'final'}); nothing to do.")
+        write_run_status(out, "finished", EXIT_FINISHED, json.loads((out / COMPLETE).read_text())["step"])
         return EXIT_FINISHED
     resume_dir = resolve_resume(cfg)  # before any import-heavy work: bad input fails fast
     if resume_dir is not None:
@@ -100,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_distributed(world)
-    budget = parse_duration(cfg.max_run_time) if cfg.max_run_time else None
-    stop = StopRequest(parse_signals(cfg.stop_signals), budget, cfg.max_steps_per_run).install()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if mirror:
@@ -291,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
             if mirror:
                 mirror.push_file("run_status.json")
         accelerator.end_training()
+        accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before all are done
         return EXIT_REQUEUE
     save()
     if is_main:

@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_LM, Run, assert_bitwise_same_run, checkpoint_steps, logged_steps, ok
+from conftest import REPO, TINY_LM, assert_bitwise_same_run, checkpoint_steps, logged_steps, ok
+from test_preemption import DDP_LM
+from test_resume_exact import reference
 
 pytestmark = pytest.mark.slow
 
@@ -59,14 +61,14 @@ def slurm(tmp_path_factory):
         subprocess.run(["bash", SLURM_SCRIPTS / "slurm-down.sh"], env=env, capture_output=True, timeout=120)
 
 
-def job_env(base_env: dict, tmp_path: Path, cache_dir: Path, out: Path) -> dict:
-    """The job scripts' settings (scripts/slurm/common.sh) for the tiny run of TINY_LM."""
+def job_env(base_env: dict, tmp_path: Path, cache_dir: Path, out: Path, args: list[str]) -> dict:
+    """The job scripts' settings (scripts/slurm/common.sh) for a tiny run with the training flags `args`."""
     env = {
         **base_env,
         "REPO_DIR": str(REPO),
         "VENV": sys.prefix,  # the environment running these tests
         "TRAIN_CONFIG": "",  # flags only, exactly the reference run's
-        "TRAIN_ARGS": " ".join([*TINY_LM, "--cache_dir", str(cache_dir)]),
+        "TRAIN_ARGS": " ".join([*args, "--cache_dir", str(cache_dir)]),
         "OUTPUT_DIR": str(out),
         "SCRATCH": str(tmp_path / "scratch"),
     }
@@ -106,16 +108,19 @@ def diagnostics(base: Path, job_log: Path) -> str:
 
 
 @pytest.mark.parametrize(
-    ("script", "launcher"),
+    ("script", "launcher", "args"),
     [
-        ("train.sbatch", "python"),
-        # The multi-node script on one node with 2 DDP processes: srun forwarding and torchrun workers.
-        ("train_multinode.sbatch", "cpu_ddp"),
+        ("train.sbatch", "python", TINY_LM),
+        # The multi-node script on one node with 2 DDP processes: srun's forwarding, torchrun's workers.
+        ("train_multinode.sbatch", "cpu_ddp", DDP_LM),
     ],
+    ids=["single-node", "multinode-script-ddp"],
 )
-def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_dir, script, launcher):
+def test_usr1_checkpoints_requeues_and_resumes_bitwise(
+    slurm, tmp_path, tmp_path_factory, cache_dir, script, launcher, args
+):
     out, job_log = tmp_path / "slurm_run", tmp_path / "job.out"
-    env = job_env(slurm, tmp_path, cache_dir, out)
+    env = job_env(slurm, tmp_path, cache_dir, out, args)
     sbatch = ["sbatch", "--parsable", f"--output={job_log}"]
     if launcher == "cpu_ddp":
         env.update(ACCELERATE_CONFIG="accelerate_configs/cpu_ddp.yaml", GPUS_PER_NODE="2")
@@ -134,15 +139,14 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         stopped = wait_until(
             lambda: (s := read_status(out)) and s["status"] == "requeue" and s, 120, "the stop", fail_if_ended
         )
-        # The requeued job waits a few seconds for its credential to expire (cred_expire=5): meanwhile train the
-        # uninterrupted reference the same way the tests in test_resume_exact.py do.
         checkpoints_at_stop = checkpoint_steps(out)
-        reference = tmp_path / "reference"
-        ok(Run(TINY_LM, reference, cache_dir, launcher).run())
+        # The uninterrupted run, shared with test_resume_exact.py and test_preemption.py (trained here if this
+        # file runs alone, while the requeued job waits for its credential to expire: cred_expire=5).
+        ref = reference(tmp_path_factory, cache_dir, args, launcher)
         wait_until(lambda: job_state(env, job) == "COMPLETED", 180, "the requeued job to finish", fail_if_ended)
         log = job_log.read_text()
 
-        assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(reference)[-1]
+        assert "SIGUSR1" in stopped["reason"] and 3 <= stopped["step"] < logged_steps(ref)[-1]
         assert stopped["step"] in checkpoints_at_stop, "a checkpoint at the step where it stopped"
         assert f"checkpoint step-{stopped['step']:08d} saved" in log
         assert re.findall(r"SLURM_RESTART_COUNT=(\d+)", log) == ["0", "1"], "one run, then one requeued run"
@@ -150,7 +154,7 @@ def test_usr1_checkpoints_requeues_and_resumes_bitwise(slurm, tmp_path, cache_di
         assert verdicts == ["REQUEUED", "SUCCESS"], log[-3000:]
         assert f"Resuming from {out}/checkpoints/step-{stopped['step']:08d}" in log
         assert (out / "COMPLETE").exists() and read_status(out)["status"] == "finished"
-        assert_bitwise_same_run(reference, out)
+        assert_bitwise_same_run(ref, out)
     except BaseException:
         print(diagnostics(Path(slurm["BASE"]), job_log))
         raise
@@ -163,7 +167,7 @@ def test_signal_before_the_training_listens_is_held_until_it_does(tmp_path, cach
     process (default action) nor be lost; it is delivered once the handler is installed, and the job stops."""
     out, job_log = tmp_path / "out", tmp_path / "job.out"
     outside_slurm = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env = job_env(outside_slurm, tmp_path, cache_dir, out)
+    env = job_env(outside_slurm, tmp_path, cache_dir, out, TINY_LM)
     with open(job_log, "w") as fh:
         # its own session: on failure, one killpg stops the shell, the launcher and the training process
         cmd = ["bash", "scripts/slurm/train.sbatch"]

@@ -1,4 +1,4 @@
-"""Deliver a stop signal to the training processes of one launch, and wait for them to exit (used by launch.sh).
+"""Deliver a stop signal to the training processes of one launch, or wait for them to exit (scripts/slurm/).
 
 Why not just `kill` the launcher or its process group: accelerate's single-process launcher neither handles nor
 forwards SIGTERM/SIGUSR1 (USR1's default action kills it and leaves the training process running, never told),
@@ -7,9 +7,9 @@ in its environment, which every process below it inherits, and the targets are f
 
 - tagged, but not the launcher (the top tagged process: its parent is untagged);
 - not a fork of its parent (same command line: DataLoader workers), since those are not the ones that save;
-- handles the signal already (SigCgt): a process still importing would be killed by the default action, so
-  the signal waits until the training script has installed its handler. One process suffices under DDP: ranks
-  agree on the stop through the per-step all-reduce.
+- handles the signal already (SigCgt): a process still importing would lose it (USR1 is ignored until then,
+  see launch.sh) or die of it (TERM), so the signal waits until the training script has installed its handler.
+  One process suffices under DDP: the ranks agree on the stop through the per-step all-reduce.
 
 Usage: signal_training.py send TAG SIGNAL --while PID    (gives up once PID is gone; PID = the calling shell)
        signal_training.py wait TAG [--timeout SECONDS]   (until no process of the launch is left)
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 TAG_VAR = "RESUMABLE_LAUNCH_TAG"
-POLL = 0.05  # seconds
+POLL = 0.05  # seconds; 1 s after the first 10 s (a run that never handles the signal costs next to nothing)
 
 
 def _read(pid: str, name: str) -> bytes:
@@ -74,7 +74,7 @@ def alive(pid: int) -> bool:
 
 
 def send(tag: str, sig: signal.Signals, while_pid: int) -> int:
-    waited_since = time.monotonic()  # > 0 when the training script had not installed its handler yet
+    waited_since = time.monotonic()
     while alive(while_pid):
         pids = targets(tag, sig)
         for pid in pids:
@@ -86,7 +86,7 @@ def send(tag: str, sig: signal.Signals, while_pid: int) -> int:
             waited = time.monotonic() - waited_since
             print(f"[signal_training] {sig.name} -> training process(es) {pids} after {waited:.1f}s", file=sys.stderr)
             return 0
-        time.sleep(POLL)
+        time.sleep(POLL if time.monotonic() - waited_since < 10 else 1.0)
     print(f"[signal_training] {sig.name} not delivered: no training process handles it", file=sys.stderr)
     return 1
 

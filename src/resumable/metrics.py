@@ -73,7 +73,12 @@ def baselines(task: str, train, val) -> dict[str, float]:
     majority = max(set(labels), key=labels.count)
     val_labels = val.select_columns(["labels"])[:]["labels"].tolist()
     scores = classification_scores(val_labels, [majority] * len(val_labels))
-    return {"baseline/majority_f1": scores["eval/f1"], "baseline/majority_accuracy": scores["eval/accuracy"]}
+    positive = classification_scores(val_labels, [1] * len(val_labels))  # on balanced data the majority F1 is 0
+    return {
+        "baseline/majority_f1": scores["eval/f1"],
+        "baseline/majority_accuracy": scores["eval/accuracy"],
+        "baseline/always_positive_f1": positive["eval/f1"],
+    }
 
 
 class TrainLog:

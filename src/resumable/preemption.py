@@ -129,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m resumable.preemption OUTPUT_DIR", file=sys.stderr)
         return 2
-    path = Path(argv[0]) / RUN_STATUS_FILE
+    path = f"{argv[0].rstrip('/')}/{RUN_STATUS_FILE}"
     try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError):
+        if "://" in argv[0]:  # a remote output dir (s3://...): train.py pushes run_status.json there
+            import fsspec
+
+            with fsspec.open(path, "r") as fh:
+                status = json.loads(fh.read())
+        else:
+            status = json.loads(Path(path).read_text())
+    except Exception:  # missing, unreadable, or the remote unreachable: the wrapper must not requeue blindly
         print(f"no readable {path}: the run crashed or never started", file=sys.stderr)
         return 1
     print(f"{status['status']} at step {status['step']} {status.get('reason', '')}".rstrip())
