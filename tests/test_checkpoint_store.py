@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_LM, Run, ok
 
-from resumable.checkpoint import MANIFEST, _manifest_digest, _sha256, find_latest_checkpoint, verify_checkpoint
+from resumable.checkpoint import MANIFEST, _sha256, find_latest_checkpoint, manifest_digest, verify_checkpoint
 from resumable.errors import UserError
 
 DDP_ARGS = [*TINY_LM, "--max_train_samples", "72", "--max_steps", "8", "--checkpointing_steps", "4", "--keep_best", "0"]
@@ -77,7 +77,7 @@ def test_manifest_naming_a_path_outside_its_folder_is_rejected(store):
     manifest = json.loads((folder / MANIFEST).read_text())
     outside = store / "step-00000004" / "optimizer.bin"
     manifest["files"]["../step-00000004/optimizer.bin"] = {"size": outside.stat().st_size, "sha256": _sha256(outside)}
-    manifest["manifest_sha256"] = _manifest_digest(manifest)  # a well-formed, self-consistent manifest
+    manifest["manifest_sha256"] = manifest_digest(manifest)  # a well-formed, self-consistent manifest
     (folder / MANIFEST).write_text(json.dumps(manifest))
     assert "outside its folder" in verify_checkpoint(folder)
     assert find_latest_checkpoint(store) == store / "step-00000004"
@@ -106,7 +106,7 @@ def plant(folder: Path, name: str, marker: Path) -> None:
     (folder / name).write_bytes(pickle.dumps(Payload(marker)))
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][name] = {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     (folder / MANIFEST).write_text(json.dumps(manifest))
 
 

@@ -74,7 +74,7 @@ def _hash_files(folder: Path) -> dict[str, dict]:
     return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
 
 
-def _manifest_digest(manifest: dict) -> str:
+def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
@@ -112,6 +112,10 @@ def save_checkpoint(
             "versions": {"torch": torch.__version__, **_lib_versions()},
             **(extra or {}),
         }
+        if "settings" in fields:  # one value to compare, beside the readable dict the error message lists
+            fields["settings_sha256"] = hashlib.sha256(
+                json.dumps(fields["settings"], sort_keys=True).encode()
+            ).hexdigest()
         commit_checkpoint(tmp, final, progress.step, fields)
     accelerator.wait_for_everyone()
     return final
@@ -119,16 +123,25 @@ def save_checkpoint(
 
 def commit_checkpoint(tmp: Path, final: Path, step: int, fields: dict) -> None:
     """Make the files in `tmp` checkpoint `final`: fsync, manifest (sizes, sha256) written last, atomic rename."""
-    for p in tmp.iterdir():  # other ranks' files too: one fsync pass on the node that commits
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
+    fsync_files(tmp)  # other ranks' files too: one fsync pass on the node that commits
     inject_fault("kill_before_manifest", step)
     inject_fault("sigterm_during_save", step)
     manifest = {"format": FORMAT, "step": step, "created": time.time(), **fields, "files": _hash_files(tmp)}
-    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     _write_json(tmp / MANIFEST, manifest)
     _fsync_dir(tmp)
-    if final.exists():  # the same step saved twice: replace, never leave a gap with no copy
+    swap_in(tmp, final)
+
+
+def fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def swap_in(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`, replacing an existing `final` without a moment with no copy; fsync the parent."""
+    if final.exists():
         trash = final.with_name(f".trash-{final.name}")
         shutil.rmtree(trash, ignore_errors=True)
         os.replace(final, trash)
@@ -161,7 +174,7 @@ def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
         return f"{MANIFEST} missing (incomplete save)"
     except (OSError, ValueError) as err:
         return f"{MANIFEST} unreadable ({err})"
-    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
+    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != manifest_digest(manifest):
         return f"{MANIFEST} checksum mismatch (corrupted)"
     files = manifest.get("files", {})
     if PROGRESS not in files:

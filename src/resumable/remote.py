@@ -28,10 +28,11 @@ from typing import TypeVar
 
 from resumable.checkpoint import (
     MANIFEST,
-    _fsync_dir,
-    _manifest_digest,
+    fsync_files,
     list_checkpoints,
+    manifest_digest,
     read_manifest,
+    swap_in,
     verify_checkpoint,
 )
 from resumable.errors import UserError
@@ -235,7 +236,7 @@ class RemoteMirror:
             manifest = json.loads(raw)
         except ValueError as err:
             return raw, {}, f"{MANIFEST} unreadable ({err})"
-        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != _manifest_digest(manifest):
+        if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != manifest_digest(manifest):
             return raw, {}, f"{MANIFEST} checksum mismatch (corrupted)"
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
@@ -266,7 +267,8 @@ class RemoteMirror:
         if reason is not None:
             shutil.rmtree(tmp, ignore_errors=True)
             return reason
-        _commit_folder(tmp, checkpoints / name)
+        fsync_files(tmp)
+        swap_in(tmp, checkpoints / name)
         return None
 
     # --- push
@@ -354,19 +356,3 @@ class RemoteMirror:
         doomed = [name for name, wanted_by in pools(infos, policy).items() if not wanted_by]
         self.delete_remote(doomed)
         return doomed
-
-
-def _commit_folder(tmp: Path, final: Path) -> None:
-    """fsync the downloaded files, then rename `tmp` to `final` (replacing an invalid local copy)."""
-    for p in tmp.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
