@@ -61,31 +61,32 @@ def test_signal_at_a_random_step_checkpoints_there_exits_75_and_resumes_bitwise(
     assert_bitwise_same_run(ref, tmp_path)
 
 
-def test_sigterm_to_every_process_of_a_2_process_launch(tmp_path, tmp_path_factory, cache_dir):
-    """What Slurm's scancel and a time limit do: signal the launcher and both workers."""
+def stop_ddp_run_and_resume(tmp_path, tmp_path_factory, cache_dir, at_step: int, deliver) -> int:
+    """Start a 2-process run, `deliver(run)` a signal after `at_step`, check the stop, resume, compare bitwise."""
     ref = reference(tmp_path_factory, cache_dir, DDP_LM, launcher="cpu_ddp")
     run = Run(DDP_LM, tmp_path, cache_dir, launcher="cpu_ddp")
     run.start()
-    run.wait_for_step(11)
-    run.signal_all(signal.SIGTERM)
-    run.proc.wait(timeout=90)
-    assert_stopped_with_checkpoint_at_last_step(tmp_path)
-    ok(Run(DDP_LM, tmp_path, cache_dir, launcher="cpu_ddp").run())
-    assert_bitwise_same_run(ref, tmp_path)
-
-
-def test_signal_to_rank_1_only_stops_every_rank_at_the_same_step(tmp_path, tmp_path_factory, cache_dir):
-    ref = reference(tmp_path_factory, cache_dir, DDP_LM, launcher="cpu_ddp")
-    run = Run(DDP_LM, tmp_path, cache_dir, launcher="cpu_ddp")
-    run.start()
-    run.wait_for_step(6)
-    os.kill(rank_pid(run, 1), signal.SIGUSR1)
+    run.wait_for_step(at_step)
+    deliver(run)
     run.proc.wait(timeout=90)
     stop_step = assert_stopped_with_checkpoint_at_last_step(tmp_path)
     files = json.loads((tmp_path / "checkpoints" / f"step-{stop_step:08d}" / "manifest.json").read_text())["files"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)  # both ranks saved at that step
     ok(Run(DDP_LM, tmp_path, cache_dir, launcher="cpu_ddp").run())
     assert_bitwise_same_run(ref, tmp_path)
+    return stop_step
+
+
+def test_sigterm_to_every_process_of_a_2_process_launch(tmp_path, tmp_path_factory, cache_dir):
+    """What Slurm's scancel and a time limit do: signal the launcher and both workers."""
+    stop_ddp_run_and_resume(tmp_path, tmp_path_factory, cache_dir, 11, lambda run: run.signal_all(signal.SIGTERM))
+
+
+def test_signal_to_rank_1_only_stops_every_rank_at_the_same_step(tmp_path, tmp_path_factory, cache_dir):
+    def to_rank_1(run):
+        os.kill(rank_pid(run, 1), signal.SIGUSR1)
+
+    stop_ddp_run_and_resume(tmp_path, tmp_path_factory, cache_dir, 6, to_rank_1)
 
 
 def test_signal_during_a_save_lets_the_save_finish(tmp_path, tmp_path_factory, cache_dir):
