@@ -12,8 +12,10 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# One CPU process needs no launcher, and without one Ctrl+C reaches the training process alone: it checkpoints and
+# exits 75 (accelerate's launcher would also get the SIGINT and print a KeyboardInterrupt traceback of its own).
 train: $(STAMP)  ## the main job: tiny GPT-2 on the stdlib corpus; re-run to resume
-	$(BIN)/accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
+	$(BIN)/python scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
 
 train-ddp: $(STAMP)  ## the same job on 2 CPU processes (DDP over gloo)
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
