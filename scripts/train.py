@@ -237,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             # --- optimizer step
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on after it)
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()
@@ -256,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                 "sum",
             )
             step_loss, stopping = (stats[0] / world).item(), stats[1].item() > 0
-            lr = scheduler.get_last_lr()[0]
             # --- log, evaluate, save
             if is_main:
                 record = {"step": progress.step, "epoch": progress.epoch, "train/loss": step_loss, "lr": lr}
