@@ -153,3 +153,20 @@ def test_max_steps_per_run_chunks_a_run_into_exact_pieces(tmp_path, tmp_path_fac
     codes = [Run([*TINY_LM, "--max_steps_per_run", "10"], tmp_path, cache_dir).run().returncode for _ in range(3)]
     assert codes == [75, 75, 0]
     assert_bitwise_same_run(ref, tmp_path)
+
+
+def test_sigterm_to_every_process_of_a_1_process_accelerate_launch(tmp_path, tmp_path_factory, cache_dir):
+    """accelerate's single-process launcher neither handles nor forwards SIGTERM; the training process must."""
+    ref = reference(tmp_path_factory, cache_dir, TINY_LM)
+    run = Run(TINY_LM, tmp_path, cache_dir, launcher="cpu")
+    run.start()
+    run.wait_for_step(random.Random(1).randint(2, 20))
+    run.signal_all(signal.SIGTERM)
+    run.proc.wait(timeout=60)
+    for _ in range(600):  # the launcher may exit first; the training process finishes its checkpoint
+        if not run.pids():
+            break
+        time.sleep(0.05)
+    assert_stopped_with_checkpoint_at_last_step(tmp_path)
+    ok(Run(TINY_LM, tmp_path, cache_dir, launcher="cpu").run())
+    assert_bitwise_same_run(ref, tmp_path)

@@ -102,3 +102,14 @@ def test_wandb_offline_resume_continues_the_same_run(tmp_path, cache_dir):
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     run_id = json.loads((tmp_path / "checkpoints" / "step-00000004" / "progress.json").read_text())["tracker_run_id"]
     assert len(runs) == 2 and all(name.endswith(f"-{run_id}") for name in runs)
+
+
+def test_resume_from_best_picks_the_checkpoint_with_the_best_metric_at_its_step(tmp_path, cache_dir):
+    args = [*TINY_LM, "--max_steps", "20", "--eval_steps", "4", "--checkpointing_steps", "4"]
+    Run([*args, "--max_steps_per_run", "18"], tmp_path, cache_dir).run_expecting(75)
+    evals = [
+        json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines() if "eval/loss" in line
+    ]
+    best = min(evals, key=lambda r: r["eval/loss"])["step"]
+    result = ok(Run([*args, "--resume_from_checkpoint", "best"], tmp_path, cache_dir).run())
+    assert f"step-{best:08d}: step {best}," in result.stdout + result.stderr
