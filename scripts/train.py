@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import secrets
 import sys
@@ -19,36 +18,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from resumable.checkpoint import (
-    Progress,
-    check_settings,
-    find_latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-    step_name,
-)
-from resumable.config import TrainConfig, cache_root, parse_config, parse_duration
+from resumable.checkpoint import Progress, amend_checkpoint, load_checkpoint, read_progress, save_checkpoint, step_name
+from resumable.config import cache_root, parse_config, parse_duration
 from resumable.errors import UserError, exit_on_user_error
-from resumable.export import COMPLETE, finish_run
+from resumable.export import finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
 from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
 from resumable.remote import RemoteMirror, is_remote, staging_dir
-from resumable.retention import RetentionPolicy, best_checkpoint, prune_checkpoints
+from resumable.resume_plan import (
+    apply_plan,
+    complete_record,
+    plan_resume,
+    plan_total_steps,
+    pull_for_plan,
+    read_complete,
+)
+from resumable.retention import RetentionPolicy, prune_checkpoints
 
 
-def resolve_resume(cfg: TrainConfig) -> Path | None:
-    """Which checkpoint to resume from (None: start fresh). Every process resolves the same one."""
-    r = cfg.resume_from_checkpoint
-    if r == "none":
-        return None
-    if r in ("auto", "latest"):
-        return find_latest_checkpoint(cfg.checkpoints_dir)
-    if r == "best":
-        best = best_checkpoint(cfg.checkpoints_dir, RetentionPolicy.from_config(cfg))
-        if best is None:
-            raise UserError(f"--resume_from_checkpoint best: no valid checkpoint in {cfg.checkpoints_dir} has a metric")
-        return best
-    return Path(r)
+def warn(message: str) -> None:
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 @exit_on_user_error
@@ -61,22 +50,18 @@ def main(argv: list[str] | None = None) -> int:
     mirror = None
     if is_remote(cfg.output_dir):  # s3:// or gs://: train in a local staging dir, the bucket is the durable copy
         mirror = RemoteMirror(cfg.output_dir, staging_dir(cfg.output_dir, cache_root(cfg)))
-        if mirror.is_complete():
-            print(f"{mirror.url} is already complete; nothing to do.")
-            return EXIT_FINISHED
         cfg.output_dir = str(mirror.local_dir)
-        if cfg.resume_from_checkpoint in ("auto", "latest"):
-            mirror.pull_latest_valid()  # every process calls it; a lock makes one of them download
-        elif cfg.resume_from_checkpoint == "best" and (name := mirror.best_remote(RetentionPolicy.from_config(cfg))):
-            mirror.pull_checkpoint(name)
+        pull_for_plan(cfg, mirror)  # every process calls it; a lock makes one of them download
     out = Path(cfg.output_dir)
-    if (out / COMPLETE).exists():
-        print(f"{out} is already complete (final model in {out / 'final'}); nothing to do.")
-        write_run_status(out, "finished", EXIT_FINISHED, json.loads((out / COMPLETE).read_text())["step"])
+    plan = plan_resume(cfg)  # continue, branch, start over, extend or nothing to do; before import-heavy work
+    if plan.complete:
+        print(plan.complete)
+        if int(os.environ.get("RANK", "0")) == 0:
+            write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
+            if mirror:
+                mirror.push_file("run_status.json")
         return EXIT_FINISHED
-    resume_dir = resolve_resume(cfg)  # before any import-heavy work: bad input fails fast
-    if resume_dir is not None:
-        check_settings(resume_dir, cfg.resume_settings())
+    resume_dir = plan.resume
 
     enable_cpu_distributed()
     import torch
@@ -85,7 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from resumable.data import batches_to_skip, build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
+    from resumable.data import (
+        batches_to_skip,
+        build_dataloaders,
+        check_same_data,
+        data_fingerprint,
+        load_raw_datasets,
+        load_tokenizer,
+        tokenize_datasets,
+    )
     from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
     from resumable.modeling import build_model
 
@@ -104,10 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_distributed(world)
+    accelerator.wait_for_everyone()  # every process has planned before anything is moved
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
+        apply_plan(plan, out, mirror)
+        for line in plan.warnings:
+            warn(line)
         if mirror:
             mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
+    accelerator.wait_for_everyone()
 
     # --- data
     set_seed(cfg.seed)
@@ -115,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = load_raw_datasets(cfg)
         tokenizer = load_tokenizer(cfg, raw)
         train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
+    fingerprint = data_fingerprint(train_ds)
     train_dl, eval_dl = build_dataloaders(cfg, train_ds, eval_ds, tokenizer)
 
     # --- model, optimizer, scheduler
@@ -129,19 +128,19 @@ def main(argv: list[str] | None = None) -> int:
         eps=cfg.adam_epsilon,
     )
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
-    ga = cfg.gradient_accumulation_steps
+    ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     batches_per_epoch = len(train_dl)  # per process, after sharding
-    steps_per_epoch = math.ceil(batches_per_epoch / ga)  # a short last window still steps
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    saved = read_progress(resume_dir) if resume_dir is not None else None
+    total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     scheduler = accelerator.prepare(scheduler)
 
     # --- resume
-    bs = cfg.per_device_train_batch_size
     progress = Progress(tracker_run_id=secrets.token_hex(4), world_size=world)
     resume_msg = ""
     if resume_dir is not None:
         progress = load_checkpoint(accelerator, resume_dir, cfg.seed)
+        check_same_data(cfg, resume_dir, progress.data_fingerprint, fingerprint)
         saved = (progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps)
         skip, note = batches_to_skip(saved, (world, bs, ga), progress.samples_in_epoch, progress.batches_in_epoch)
         if note:
@@ -150,15 +149,24 @@ def main(argv: list[str] | None = None) -> int:
             accelerator.print(
                 f"WARNING: global batch changed from {saved[0] * saved[1] * saved[2]} to {world * bs * ga}"
             )
+        if skip >= batches_per_epoch:  # never spin on an epoch that has nothing left
+            raise UserError(f"{resume_dir}: its position ({skip} batches into the epoch) is past the epoch's end")
         progress.batches_in_epoch = skip
         resume_msg = (
             f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
             f"batch {progress.batches_in_epoch}/{batches_per_epoch} of the epoch"
         )
     progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = world, bs, ga
+    progress.branch, progress.data_fingerprint = plan.branch or progress.branch, fingerprint
+    if plan.extending is not None:
+        warn(
+            f"extending the finished run from step {progress.step} to {total_steps} steps: the {cfg.lr_scheduler_type} "
+            f"LR schedule now spans {total_steps} steps, so the next update uses lr {scheduler.get_last_lr()[0]:.3g} "
+            "(unlike one run of that length from scratch)"
+        )
     train_log = TrainLog(out / "train_log.jsonl")
-    if is_main:
-        train_log.truncate_after(progress.step)  # records past the checkpoint are about to be redone
+    if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
+        train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)
     samples_log = TrainLog(out / "samples" / f"rank{accelerator.process_index}.jsonl") if cfg.record_samples else None
     if samples_log:
         samples_log.truncate_after(progress.step)
@@ -167,15 +175,23 @@ def main(argv: list[str] | None = None) -> int:
     accelerator.init_trackers(
         cfg.project_name, config=settings, init_kwargs={"wandb": {"id": progress.tracker_run_id, "resume": "allow"}}
     )
-    last_saved = progress.step if resume_dir is not None else -1
+
+    def state() -> tuple[int, str]:
+        return progress.step, json.dumps(dataclasses.asdict(progress), sort_keys=True)
+
+    # what the newest checkpoint of this output dir holds (a checkpoint of another run's dir is not ours to amend)
+    in_store = resume_dir is not None and resume_dir.resolve().parent == cfg.checkpoints_dir.resolve()
+    last_saved = state() if in_store else (-1, "")
 
     def run_eval() -> bool:
         """Evaluate at `progress.step`; False if a stop request interrupted it (it is re-run on resume)."""
         inject_fault("sigterm_before_eval", progress.step)
-        metrics = evaluate(accelerator, model, eval_dl, cfg.task, lambda: stop.local_flag)
+        t0 = time.perf_counter()
+        metrics = evaluate(accelerator, model, eval_dl, cfg.task, stop.eval_should_stop)
         progress.eval_pending = metrics is None
         if metrics is None:
             return False
+        stop.note_eval(time.perf_counter() - t0)
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[cfg.metric_for_best_model]
         best = progress.best_metric
@@ -187,12 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         return True
 
     def save() -> None:
+        """Commit a checkpoint at this step, or record what changed since this step's (an evaluation re-run)."""
         nonlocal last_saved
-        if last_saved == progress.step:
+        if last_saved == state():
             return
         t0 = time.perf_counter()
-        recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
-        folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded)
+        if last_saved[0] == progress.step:  # the state is the same; only its record (metrics, best) changed
+            folder = cfg.checkpoints_dir / step_name(progress.step)
+            if is_main:
+                amend_checkpoint(folder, progress)
+            accelerator.wait_for_everyone()
+        else:
+            recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
+            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded)
         if is_main:
             prune_checkpoints(cfg.checkpoints_dir, policy)
             if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
@@ -200,16 +223,20 @@ def main(argv: list[str] | None = None) -> int:
                 mirror.push_file("train_log.jsonl")
                 mirror.prune_remote(policy)
         stop.note_save(time.perf_counter() - t0)  # --max_run_time leaves room for the save and its upload
-        last_saved = progress.step
+        last_saved = state()
 
     # --- training loop
-    interrupted = progress.eval_pending and not run_eval()
+    interrupted = False
+    if progress.eval_pending:  # a stop deferred (or cut short) this step's evaluation: do it, record it
+        interrupted = not run_eval()
+        save()
     bar = tqdm(total=total_steps, initial=progress.step, disable=not is_main, unit="step", dynamic_ncols=True)
     steps_this_run = 0
     model.train()
     while progress.step < total_steps and not interrupted:
         train_dl.set_epoch(progress.epoch)  # must precede skip_first_batches: its new loader shares the sampler
         batches, micro = train_dl, progress.batches_in_epoch
+        window_start = micro  # accumulation windows count from here (an elastic resume may start mid-window)
         t0 = time.perf_counter()
         if micro:
             batches = accelerator.skip_first_batches(train_dl, micro)  # index level: skipped batches are never loaded
@@ -221,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                 if is_main:
                     tqdm.write(f"{resume_msg}; fast-forwarded {micro} batches in {ms:.1f} ms")
                 resume_msg = ""
-            window = min(ga, batches_per_epoch - micro // ga * ga)  # the epoch's last window may be short
-            last_micro = micro % ga == window - 1
+            window = min(ga, batches_per_epoch - window_start)  # the epoch's last window may be short
+            last_micro = micro - window_start == window - 1
             if samples_log:
                 samples_log.append(
                     {"step": progress.step + 1, "epoch": progress.epoch, "samples": example_hashes(batch)}
@@ -246,11 +273,13 @@ def main(argv: list[str] | None = None) -> int:
             steps_this_run += 1
             progress.samples_seen += window * bs * world
             progress.samples_in_epoch += window * bs * world
-            progress.batches_in_epoch = micro
+            progress.batches_in_epoch = window_start = micro
             if micro == batches_per_epoch:
                 progress.epoch, progress.batches_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
+            done = progress.step >= total_steps
+            eval_due = done or bool(cfg.eval_steps and progress.step % cfg.eval_steps == 0)
             stop.note_step(time.perf_counter() - t_step)
-            stop.check_budgets(steps_this_run)
+            stop.check_budgets(steps_this_run, eval_due)
             # one all-reduce carries both the loss and the stop flag: ranks agree on the stop step for free
             stats = accelerator.reduce(
                 torch.stack([window_loss.float(), torch.tensor(float(stop.local_flag), device=accelerator.device)]),
@@ -265,8 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                 accelerator.log({"train/loss": step_loss, "lr": lr}, step=progress.step)
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-            done = progress.step >= total_steps
-            if not stopping and (done or (cfg.eval_steps and progress.step % cfg.eval_steps == 0)):
+            if eval_due and stopping:  # a stop never waits for an evaluation: the resumed run does it first
+                progress.eval_pending = True
+            elif eval_due:
                 interrupted = not run_eval()
             new_best = cfg.keep_best > 0 and progress.best_step == progress.step  # the best model is never lost
             periodic = cfg.checkpointing_steps and progress.step % cfg.checkpointing_steps == 0
@@ -284,21 +314,29 @@ def main(argv: list[str] | None = None) -> int:
     # --- stop early, or finish
     if progress.step < total_steps or progress.eval_pending:
         save()
+        pending = ", its evaluation runs first on resume" if progress.eval_pending else ""
         accelerator.print(
-            f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved. Run the same command to resume."
+            f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved"
+            f"{pending}. Run the same command to resume."
         )
         if is_main:
             elapsed = time.monotonic() - stop.started
             write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, reason=stop.reason or "", elapsed=elapsed)
             if mirror:
                 mirror.push_file("run_status.json")
-        accelerator.end_training()
         accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before all are done
+        accelerator.end_training()  # after the barrier: it destroys the process group
         return EXIT_REQUEUE
     save()
     if is_main:
+        epochs = progress.epoch + progress.batches_in_epoch / batches_per_epoch
         final_metrics = finish_run(
-            out, accelerator.unwrap_model(model), tokenizer, progress, baselines(cfg.task, train_ds, eval_ds)
+            out,
+            accelerator.unwrap_model(model),
+            tokenizer,
+            progress,
+            baselines(cfg.task, train_ds, eval_ds),
+            complete_record(cfg, progress.step, epochs),
         )
         if mirror:
             mirror.push_complete()  # final/, metrics, logs, then COMPLETE last

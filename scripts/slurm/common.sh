@@ -6,7 +6,8 @@
 #   ACCELERATE_CONFIG launch config (default: accelerate_configs/cpu.yaml, the tiny CPU job)
 #   TRAIN_CONFIG      training preset (default: configs/tiny_lm.yaml; empty: none, flags only)
 #   TRAIN_ARGS        more training flags, split on whitespace (default: none)
-#   OUTPUT_DIR        where checkpoints and run_status.json go (default: outputs/tiny_lm, -task<N> in arrays)
+#   OUTPUT_DIR        where checkpoints and run_status.json go (default: the output_dir that TRAIN_CONFIG and
+#                     TRAIN_ARGS give, with -task<N> appended in job arrays)
 #   SCRATCH           fast per-user storage for caches (default: $TMPDIR or /tmp, plus the user name)
 REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
 cd "$REPO_DIR" || { echo "=== FAILURE: no repository at REPO_DIR=$REPO_DIR"; exit 2; }
@@ -14,10 +15,18 @@ VENV=${VENV:-$REPO_DIR/.venv}
 [[ -d $VENV/bin ]] && export PATH="$VENV/bin:$PATH"
 ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-accelerate_configs/cpu.yaml}
 TRAIN_CONFIG=${TRAIN_CONFIG-configs/tiny_lm.yaml}
-OUTPUT_DIR=${OUTPUT_DIR:-outputs/tiny_lm${SLURM_ARRAY_TASK_ID:+-task$SLURM_ARRAY_TASK_ID}}
 read -ra train_args <<<"${TRAIN_ARGS:-}"
 if [[ -n $TRAIN_CONFIG ]]; then
   train_args=(--config "$TRAIN_CONFIG" "${train_args[@]}")
+fi
+# src on the path, as scripts/train.py does: the repository works without being installed
+resumable_py() { PYTHONPATH="$REPO_DIR/src${PYTHONPATH:+:$PYTHONPATH}" python3 "$@"; }
+if [[ -z ${OUTPUT_DIR:-} ]]; then # the preset's own output_dir: the same resolution train.py does
+  OUTPUT_DIR=$(resumable_py -m resumable.config --get output_dir "${train_args[@]}") || {
+    echo "=== FAILURE: cannot tell the output dir from ${train_args[*]} (error above); set OUTPUT_DIR"
+    exit 2
+  }
+  OUTPUT_DIR+=${SLURM_ARRAY_TASK_ID:+-task$SLURM_ARRAY_TASK_ID}
 fi
 # The script and its arguments, after accelerate's own options. --output_dir last: it is where the verdict is read.
 train_cmd=(scripts/train.py "${train_args[@]}" --output_dir "$OUTPUT_DIR")
@@ -26,9 +35,9 @@ scratch=${SCRATCH:-${TMPDIR:-/tmp}/$(id -un)}
 export HF_HOME=${HF_HOME:-$scratch/huggingface}
 export RESUMABLE_CACHE=${RESUMABLE_CACHE:-$scratch/resumable}
 export PYTHONUNBUFFERED=1 # the job log shows progress as it happens
-# A status left by an earlier run must not be mistaken for this one's (a crash would requeue forever).
-# Kept when the run is complete: the training script then only says so, without writing a new one.
-[[ -e $OUTPUT_DIR/COMPLETE ]] || rm -f "$OUTPUT_DIR/run_status.json"
+# A status left by an earlier run (here or in the bucket of an s3:// OUTPUT_DIR) must not be mistaken for this
+# one's, or a crash would requeue forever: train.py records this attempt's id, and finish() trusts only that.
+export RESUMABLE_ATTEMPT="${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}-$(date +%s%N)"
 
 job_header() {
   echo "=== $(date -Is) job ${SLURM_JOB_ID:-none} on $(hostname -s): SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
@@ -56,9 +65,7 @@ wait_for() {
 # "checkpointed, run me again" (75), so the file decides. Ends the script.
 finish() {
   local code=0 status job
-  # src on the path, as scripts/train.py does: the repository works without being installed
-  status=$(PYTHONPATH="$REPO_DIR/src${PYTHONPATH:+:$PYTHONPATH}" python3 -m resumable.preemption "$OUTPUT_DIR" 2>&1) ||
-    code=$?
+  status=$(resumable_py -m resumable.preemption "$OUTPUT_DIR" --attempt "$RESUMABLE_ATTEMPT" 2>&1) || code=$?
   if [[ $1 == 0 ]]; then
     echo "=== SUCCESS: $status (output $OUTPUT_DIR)"
     exit 0

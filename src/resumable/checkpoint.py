@@ -48,6 +48,8 @@ class Progress:
     world_size: int = 1
     per_device_train_batch_size: int = 0
     gradient_accumulation_steps: int = 0
+    branch: dict | None = None  # how this line of checkpoints began (resume_plan.py): a branch or a start-over
+    data_fingerprint: dict | None = None  # the training data this position is a position in (data.py)
 
 
 def step_name(step: int) -> str:
@@ -131,6 +133,35 @@ def commit_checkpoint(tmp: Path, final: Path, step: int, fields: dict) -> None:
     _write_json(tmp / MANIFEST, manifest)
     _fsync_dir(tmp)
     swap_in(tmp, final)
+
+
+def amend_checkpoint(folder: Path, progress: Progress) -> None:
+    """Record new progress in a committed checkpoint, e.g. the result of an evaluation re-run after a resume.
+
+    The state files are hard-linked (copied where the filesystem has no links) into a temporary folder beside a new
+    progress.json; the manifest keeps their verified sizes and hashes, and the folder is swapped in as at a commit.
+    Main process only. The training state itself is unchanged: evaluation draws no randomness.
+    """
+    manifest = read_manifest(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name in manifest["files"]:
+        if name != PROGRESS:
+            try:
+                os.link(folder / name, tmp / name)
+            except OSError:
+                shutil.copy2(folder / name, tmp / name)
+    _write_json(tmp / PROGRESS, asdict(progress))
+    progress_file = {"size": (tmp / PROGRESS).stat().st_size, "sha256": _sha256(tmp / PROGRESS)}
+    files = {**manifest["files"], PROGRESS: progress_file}
+    fields = {k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256", "created")}
+    fields.update(metrics=progress.last_eval, metrics_step=progress.last_eval_step, amended=time.time())
+    new = {**fields, "created": manifest.get("created"), "files": files}
+    new["manifest_sha256"] = manifest_digest(new)
+    _write_json(tmp / MANIFEST, new)
+    _fsync_dir(tmp)
+    swap_in(tmp, folder)
 
 
 def fsync_files(folder: Path) -> None:

@@ -49,7 +49,7 @@ class TrainConfig:
     validation_file: str | None = _f(None, "Validation data file (.txt/.csv/.json/.jsonl).")
     text_column: str = _f("text", "Column holding the text.")
     label_column: str = _f("label", "Column holding the label (sequence_classification).")
-    validation_split_percentage: int = _f(5, "Percent of train held out when there is no validation split (%).")
+    validation_split_percentage: int = _f(5, "Percent of train held out when there is no validation split (percent).")
     block_size: int = _f(128, "Tokens per training block (causal_lm).")
     max_seq_length: int = _f(256, "Truncate inputs to this many tokens (sequence_classification).")
     max_train_samples: int | None = _f(None, "Keep only the first N training examples (after tokenization).")
@@ -289,8 +289,14 @@ def update_readme(path: Path) -> None:
     path.write_text(head + start + flags_markdown() + end + rest.split(end, 1)[1])
 
 
-if __name__ == "__main__":  # python -m resumable.config [README.md]
-    if len(sys.argv) > 1:
+if __name__ == "__main__":  # python -m resumable.config [README.md | --get FIELD TRAIN_FLAGS...]
+    if sys.argv[1:2] == ["--get"]:  # e.g. the Slurm scripts asking for the output_dir a command line resolves to
+        try:
+            print(getattr(parse_config(sys.argv[3:]), sys.argv[2]))
+        except (UserError, AttributeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+    elif len(sys.argv) > 1:
         update_readme(Path(sys.argv[1]))
     else:
         print(flags_markdown(), end="")

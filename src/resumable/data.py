@@ -201,6 +201,36 @@ def build_dataloaders(
     return train_dl, eval_dl
 
 
+def data_fingerprint(train: datasets.Dataset, rows: int = 256) -> dict:
+    """What a saved position is a position in: the example count and a hash of evenly spaced tokenized examples.
+
+    Content-based (not file times), so copying the data to another node keeps it, and cheap at any size.
+    """
+    n = len(train)
+    picks = sorted({round(i * (n - 1) / max(rows - 1, 1)) for i in range(min(rows, n))})
+    digest = hashlib.sha256()
+    columns = [c for c in ("input_ids", "labels") if c in train.column_names]
+    for row in train.select(picks).with_format(None).select_columns(columns):
+        digest.update(repr([row[c] for c in columns]).encode())
+    return {"examples": n, "sample_sha256": digest.hexdigest()[:16]}
+
+
+def check_same_data(cfg: TrainConfig, checkpoint: Path, saved: dict | None, now: dict) -> None:
+    """Refuse to resume a position in data that changed since (a file edited in place, an unpinned hub dataset)."""
+    if saved is None or saved == now:  # None: a checkpoint from before fingerprints were recorded
+        return
+    source = (
+        cfg.train_file and f"--train_file {cfg.train_file}" or cfg.dataset_name and f"--dataset_name {cfg.dataset_name}"
+    )
+    what = f"{saved['examples']} examples then, {now['examples']} now" if saved["examples"] != now["examples"] else (
+        f"same count ({now['examples']}), different content")  # fmt: skip
+    raise UserError(
+        f"{source or 'the embedded corpus'}: the training data changed since {checkpoint} ({what}), so its saved "
+        "position would skip or repeat examples; restore the data, or pass --resume_from_checkpoint none to start "
+        "over (the old run is moved aside, not deleted)"
+    )
+
+
 def batches_to_skip(saved_layout: tuple[int, int, int], layout: tuple[int, int, int], samples_in_epoch: int,
                     batches_in_epoch: int) -> tuple[int, str]:  # fmt: skip
     """Micro-batches each process skips to resume the epoch, for a (world size, batch, accumulation) layout.

@@ -27,7 +27,7 @@ def save_pretrained_atomically(model, tokenizer, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: dict) -> dict:
+def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: dict, complete: dict) -> dict:
     """Write final/, final_metrics.json, loss_curve.png, then COMPLETE last. Main process only."""
     save_pretrained_atomically(model, tokenizer, out / "final")
     metrics = {
@@ -41,6 +41,6 @@ def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: d
     }
     (out / "final_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     plot_loss_curve(TrainLog(out / "train_log.jsonl"), out / "loss_curve.png")
-    (out / COMPLETE).write_text(json.dumps({"step": progress.step}) + "\n")
+    (out / COMPLETE).write_text(json.dumps(complete) + "\n")  # what a later run checks: asked for more? same settings?
     write_run_status(out, "finished", EXIT_FINISHED, progress.step)
     return metrics

@@ -88,11 +88,15 @@ class TrainLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def truncate_after(self, step: int) -> None:
-        """Forget records past `step`: they came from work the resumed run is about to redo."""
+    def truncate_after(self, step: int, keep_eval: bool = True) -> None:
+        """Forget records past `step` (and its evaluation unless `keep_eval`): work the resumed run is about to redo."""
         if not self.path.exists():
             return
-        keep = [line for line in self.read_lines() if json.loads(line)["step"] <= step]
+
+        def kept(record: dict) -> bool:
+            return record["step"] < step or (record["step"] == step and (keep_eval or "eval/loss" not in record))
+
+        keep = [line for line in self.read_lines() if kept(json.loads(line))]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(keep))
         os.replace(tmp, self.path)

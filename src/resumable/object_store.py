@@ -110,3 +110,16 @@ class ObjectStore:
 
     def exists(self, name: str) -> bool:
         return name in self._sizes()
+
+    def _copy(self, src: tuple[str, ...], dst: tuple[str, ...], recursive: bool = False) -> None:
+        """Server-side copy within the store (S3 CopyObject): nothing passes through this machine."""
+        a, b = self._remote(*src), self._remote(*dst)
+        self._retry(f"copy {a}", self.fs.copy, a, b, recursive)
+
+    def is_empty(self) -> bool:
+        """Nothing at all under the URL (a deleted run, or one never pushed)."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            return not self._retry(f"list {self.root}", self.fs.ls, self.root, False)
+        except FileNotFoundError:
+            return True

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ from resumable.errors import UserError
 EXIT_FINISHED = 0
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: a checkpoint was saved, run the same command again to continue
 RUN_STATUS_FILE = "run_status.json"
+ATTEMPT_ENV = "RESUMABLE_ATTEMPT"
 
 
 def parse_signals(text: str) -> list[signal.Signals]:
@@ -58,6 +60,7 @@ class StopRequest:
         self.signal_time: float | None = None
         self.slowest_save = 0.0  # seconds; the budget leaves room for one more save of this length
         self.slowest_step = 0.0
+        self.slowest_eval = 0.0
 
     def install(self) -> StopRequest:
         for sig in self.signals:
@@ -85,7 +88,10 @@ class StopRequest:
     def note_save(self, seconds: float) -> None:
         self.slowest_save = max(self.slowest_save, seconds)
 
-    def check_budgets(self, steps_this_run: int) -> None:
+    def note_eval(self, seconds: float) -> None:
+        self.slowest_eval = max(self.slowest_eval, seconds)
+
+    def check_budgets(self, steps_this_run: int, eval_due: bool = False) -> None:
         """Turn an exhausted budget into a stop request (local decision; ranks agree through the step all-reduce)."""
         if self.reason is not None:
             return
@@ -93,9 +99,17 @@ class StopRequest:
             self.reason = f"--max_steps_per_run {self.max_steps_per_run} reached"
         elif self.max_run_time is not None:
             elapsed = time.monotonic() - self.started
-            # Leave room for one more step and the save, with a 1.5x margin for noise.
-            if elapsed + 1.5 * (self.slowest_step + self.slowest_save) >= self.max_run_time:
+            # Leave room for the evaluation due now, one more step and the save, with a 1.5x margin for noise.
+            reserve = self.slowest_step + self.slowest_save + (self.slowest_eval if eval_due else 0.0)
+            if elapsed + 1.5 * reserve >= self.max_run_time:
                 self.reason = f"--max_run_time budget ({self.max_run_time:.0f}s) nearly used"
+
+    def eval_should_stop(self) -> bool:
+        """Asked at every evaluation batch: a stop request, or a budget with no room left for the save after it."""
+        left = None if self.max_run_time is None else self.max_run_time - (time.monotonic() - self.started)
+        if self.reason is None and left is not None and left <= 1.5 * self.slowest_save:
+            self.reason = f"--max_run_time budget ({self.max_run_time:.0f}s) nearly used during evaluation"
+        return self.reason is not None
 
     @property
     def local_flag(self) -> bool:
@@ -115,19 +129,31 @@ def inject_fault(point: str, step: int) -> None:
 def write_run_status(output_dir: str | os.PathLike, status: str, exit_code: int, step: int, **extra) -> None:
     """Record how this run ended. `accelerate launch` turns any non-zero exit into 1, so wrappers read this file."""
     path = Path(output_dir) / RUN_STATUS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"status": status, "exit_code": exit_code, "step": step, **extra}) + "\n")
+    tmp = path.with_name(f".{RUN_STATUS_FILE}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # one per writer
+    attempt = os.environ.get(ATTEMPT_ENV)  # set by a wrapper, which then trusts only this attempt's status
+    record = {
+        "status": status,
+        "exit_code": exit_code,
+        "step": step,
+        **extra,
+        **({"attempt": attempt} if attempt else {}),
+    }
+    tmp.write_text(json.dumps(record) + "\n")
     os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m resumable.preemption OUTPUT_DIR`: print the last run status and exit with its code.
+    """`python -m resumable.preemption OUTPUT_DIR [--attempt ID]`: print the last run status, exit with its code.
 
     0 = finished, 75 = checkpointed and needs another run, 1 = no status (the run crashed before writing one).
+    With --attempt, a status written by another attempt (a stale file from an earlier job) counts as none.
     """
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    attempt = None
+    if len(argv) == 3 and argv[1] == "--attempt":
+        attempt, argv = argv[2], argv[:1]
     if len(argv) != 1:
-        print("usage: python -m resumable.preemption OUTPUT_DIR", file=sys.stderr)
+        print("usage: python -m resumable.preemption OUTPUT_DIR [--attempt ID]", file=sys.stderr)
         return 2
     path = f"{argv[0].rstrip('/')}/{RUN_STATUS_FILE}"
     try:
@@ -140,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
             status = json.loads(Path(path).read_text())
     except Exception:  # missing, unreadable, or the remote unreachable: the wrapper must not requeue blindly
         print(f"no readable {path}: the run crashed or never started", file=sys.stderr)
+        return 1
+    if attempt is not None and status.get("attempt") != attempt:
+        print(
+            f"{path} is from another attempt ({status.get('attempt')}): this one crashed before writing one",
+            file=sys.stderr,
+        )
         return 1
     print(f"{status['status']} at step {status['step']} {status.get('reason', '')}".rstrip())
     return int(status["exit_code"])

@@ -37,6 +37,7 @@ log = logging.getLogger("resumable")
 STEP_DIR = re.compile(r"step-(\d+)")
 PULLED_FILES = ("train_log.jsonl", "run_status.json")  # the small files a resumed run continues from
 FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "run_status.json")
+PUSHED = ".pushed"  # in the staging folder once it has pushed a checkpoint: its remote run existed
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: export pulls in matplotlib)
 
 
@@ -114,6 +115,11 @@ class RemoteMirror(ObjectStore):
             log.warning("skipping remote checkpoint %s/checkpoints/%s: %s", self.url, name, reason)
         return None
 
+    def pull_newest(self) -> str | None:
+        """The newest remote checkpoint that verifies, made present locally (a finished run being extended)."""
+        with self._lock():
+            return self._pull_newest()
+
     def pull_checkpoint(self, name: str) -> str | None:
         """Make remote checkpoint `name` present and valid locally; None on success, else why it cannot be.
 
@@ -190,6 +196,7 @@ class RemoteMirror(ObjectStore):
         for fname in sorted(stale):  # e.g. random_states_3.pkl of an earlier run with more processes
             self._rm("checkpoints", name, fname)
         self._put(local_folder / MANIFEST, "checkpoints", name, MANIFEST)
+        (self.local_dir / PUSHED).touch()
 
     def push_missing(self) -> list[str]:
         """Push every valid local checkpoint whose remote copy lacks the same manifest (a push cut short by a
@@ -226,6 +233,53 @@ class RemoteMirror(ObjectStore):
             if (self.local_dir / fname).is_file():
                 self.push_file(fname)
         self.push_file(COMPLETE)
+
+    # --- a run's life: gone, extended, branched
+
+    def forget_if_deleted(self) -> bool:
+        """The remote run was deleted although this staging folder pushed to it: the user wants to start over, and
+        the staging folder is only a cache, so it is discarded (never pushed back as if it were the run)."""
+        if not (self.local_dir / PUSHED).exists() or not self.is_empty():
+            return False
+        log.warning("%s is empty but %s had pushed to it: the remote run was deleted; starting over", self.url,
+                    self.local_dir)  # fmt: skip
+        shutil.rmtree(self.local_dir)
+        return True
+
+    def fetch_complete(self) -> bool:
+        """Bring the remote COMPLETE marker (and run status) of a finished run; True if the run is finished."""
+        sizes = self._sizes()
+        for fname in ("run_status.json", COMPLETE):
+            if fname in sizes:
+                self._get(self.local_dir / fname, fname)
+        return COMPLETE in sizes
+
+    def unfinish(self) -> None:
+        """A finished run asked for more: its remote COMPLETE goes first, so a kill leaves a run that resumes."""
+        self._rm(COMPLETE)
+
+    def set_aside(self, dest: str, after_step: int) -> None:
+        """Move remote checkpoints after `after_step` (-1: the whole run) and a finished run's end under `dest/`.
+
+        Copies first, then deletes (manifest first), so an interrupted move never loses a checkpoint; a remote
+        checkpoint still in place is moved again by the next start-up, which plans the same branch.
+        """
+        if self.exists(COMPLETE):
+            self._rm(COMPLETE)
+            (self.local_dir / COMPLETE).unlink(missing_ok=True)
+        for name in [n for n in self.remote_checkpoints() if int(n[5:]) > after_step]:
+            self._copy(("checkpoints", name), (dest, "checkpoints", name), recursive=True)
+            self.delete_remote([name])
+        ends = ("final_metrics.json", "loss_curve.png") + (
+            ("train_log.jsonl", "run_status.json") if after_step < 0 else ()
+        )
+        sizes = self._sizes()
+        for fname in [f for f in ends if f in sizes]:
+            self._copy((fname,), (dest, fname))
+            self._rm(fname)
+        if self._sizes("final"):
+            self._copy(("final",), (dest, "final"), recursive=True)
+            self._rm("final", recursive=True)
 
     # --- retention
 
