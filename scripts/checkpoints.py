@@ -46,7 +46,7 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def policy_from(args: argparse.Namespace, keep_last: int | None, checkpoints: Path) -> RetentionPolicy:
-    """The flags' policy; metric and direction default to what the run recorded in its newest manifest."""
+    """The retention the run recorded in its newest manifest (every pool), overridden by the flags given."""
     recorded: dict = {}
     for folder in reversed(list_checkpoints(checkpoints)):
         try:
@@ -59,7 +59,10 @@ def policy_from(args: argparse.Namespace, keep_last: int | None, checkpoints: Pa
     if better is None:  # what the run used, else the same inference as --greater_is_better in training
         better = recorded.get("greater_is_better") if metric == recorded.get("metric") else None
         better = not metric.endswith(("loss", "perplexity")) if better is None else better
-    return RetentionPolicy(keep_last, args.keep_epoch_every, args.keep_best, metric, better)
+    keep_last = recorded.get("keep_last") if keep_last is None else keep_last
+    epoch_every = recorded.get("keep_epoch_every", 0) if args.keep_epoch_every is None else args.keep_epoch_every
+    keep_best = recorded.get("keep_best", 1) if args.keep_best is None else args.keep_best
+    return RetentionPolicy(keep_last, epoch_every, keep_best, metric, better)
 
 
 def check_all(checkpoints: Path, deep: bool) -> dict[str, str | None]:
@@ -157,7 +160,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     checkpoints, run = open_store(args.output_dir)
-    if args.keep_best < 1:
+    if args.keep_best is not None and args.keep_best < 1:
         raise UserError(f"--keep_best must be >= 1 (prune never deletes the best checkpoint), got {args.keep_best}")
     reasons = check_all(checkpoints, deep=not args.quick)
     wanted = wanted_by(checkpoints, reasons, policy_from(args, args.keep, checkpoints))
@@ -226,8 +229,14 @@ def add_policy_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Whether a larger metric is better (default: inferred from its name, as in training).",
     )
-    p.add_argument("--keep_best", type=at_least(0), default=1, help="Best pool size (default %(default)s).")
-    p.add_argument("--keep_epoch_every", type=at_least(0), default=0, help="Epoch pool: every k-th epoch end; 0 off.")
+    recorded = "(default: what the run recorded)"
+    p.add_argument("--keep_best", type=at_least(0), default=None, help=f"Best pool size {recorded}.")
+    p.add_argument(
+        "--keep_epoch_every",
+        type=at_least(0),
+        default=None,
+        help=f"Epoch pool: every k-th epoch end; 0 off {recorded}.",
+    )
 
 
 def build_parser() -> Parser:
@@ -237,7 +246,9 @@ def build_parser() -> Parser:
 
     p = sub.add_parser("list", help="Table of checkpoints: step, epoch, metric, size, validity, pools.")
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help=run_help)
-    p.add_argument("--keep_last", type=at_least(1), default=None, help="Rolling pool size to show (default: all).")
+    p.add_argument(
+        "--keep_last", type=at_least(1), default=None, help="Rolling pool size to show (default: the run's)."
+    )
     add_policy_flags(p)
     p.add_argument("--deep", action="store_true", help="Recompute sha256 of every file (default: sizes only).")
     p.set_defaults(func=cmd_list)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.checkpoint import Progress, amend_checkpoint, load_checkpoint, read_progress, save_checkpoint, step_name
 from resumable.config import cache_root, parse_config, parse_duration
-from resumable.errors import UserError, exit_on_user_error
+from resumable.errors import UserError, exit_on_user_error, warn
 from resumable.export import finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
 from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
@@ -28,16 +28,13 @@ from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.resume_plan import (
     apply_plan,
     complete_record,
+    extend_schedule,
     plan_resume,
     plan_total_steps,
     pull_for_plan,
     read_complete,
 )
 from resumable.retention import RetentionPolicy, prune_checkpoints
-
-
-def warn(message: str) -> None:
-    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 @exit_on_user_error
@@ -101,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         apply_plan(plan, out, mirror)
+        for line in plan.info:
+            warn(line, "INFO")
         for line in plan.warnings:
             warn(line)
         if mirror:
@@ -158,12 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = world, bs, ga
     progress.branch, progress.data_fingerprint = plan.branch or progress.branch, fingerprint
-    if plan.extending is not None:
-        warn(
-            f"extending the finished run from step {progress.step} to {total_steps} steps: the {cfg.lr_scheduler_type} "
-            f"LR schedule now spans {total_steps} steps, so the next update uses lr {scheduler.get_last_lr()[0]:.3g} "
-            "(unlike one run of that length from scratch)"
-        )
+    if plan.extending is not None:  # every process moves its scheduler to the new schedule
+        message = extend_schedule(scheduler, cfg, progress.step, total_steps)
+        if is_main:
+            warn(message)
     train_log = TrainLog(out / "train_log.jsonl")
     if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
         train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)

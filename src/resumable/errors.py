@@ -28,3 +28,8 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             sys.exit(USER_ERROR_EXIT_CODE)
 
     return wrapper
+
+
+def warn(message: str, level: str = "WARNING") -> None:
+    """One line on stderr with its level, for the person watching the run."""
+    print(f"{level}: {message}", file=sys.stderr, flush=True)

@@ -53,6 +53,7 @@ class ResumePlan:
     branch_from_step: int | None = None  # remote checkpoints after this step are set aside too
     extending: dict | None = None  # the COMPLETE record of a finished run asked for more
     warnings: list[str] = field(default_factory=list)
+    info: list[str] = field(default_factory=list)
 
 
 def read_complete(out: Path) -> dict | None:
@@ -118,7 +119,7 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
         return _continue(cfg, newest)
     target = _requested(cfg)
     if newest is not None and _branch_of(newest).get("request") == key:
-        note = f"continuing the branch --resume_from_checkpoint {request} started ({newest.name}); pass auto to say so"
+        note = f"continuing the branch --resume_from_checkpoint {request} started ({newest.name} is its newest)"
         return _continue(cfg, newest, note)
     check_settings(target, cfg.resume_settings())
     plan = _continue(cfg, target) if newest is not None and newest.resolve() == target.resolve() else ResumePlan(target)
@@ -143,7 +144,7 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
 
 def _continue(cfg: TrainConfig, newest: Path | None, note: str = "") -> ResumePlan:
     """Continue the line of checkpoints ending at `newest`: resume, extend a finished run, or nothing to do."""
-    plan = ResumePlan(resume=newest, warnings=[note] if note else [])
+    plan = ResumePlan(resume=newest, info=[note] if note else [])
     if newest is not None:
         check_settings(newest, cfg.resume_settings())
     done = read_complete(Path(cfg.output_dir))
@@ -255,3 +256,16 @@ def pull_for_plan(cfg: TrainConfig, mirror) -> None:
     mirror.pull_latest_valid()
     if cfg.resume_from_checkpoint == "best" and (name := mirror.best_remote(RetentionPolicy.from_config(cfg))):
         mirror.pull_checkpoint(name)
+
+
+def extend_schedule(scheduler, cfg: TrainConfig, step: int, total_steps: int) -> str:
+    """A finished run asked for more: set the LR to what the schedule, rebuilt for the new total, gives at `step`
+    (the loaded state holds the old schedule's end, e.g. 0 after a linear decay). Returns the WARNING to print."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the torch scheduler
+    inner.last_epoch -= 1
+    inner.step()  # recomputes every group's rate at last_epoch with the new total
+    return (
+        f"extending the finished run from step {step} to {total_steps}: the {cfg.lr_scheduler_type} LR schedule now "
+        f"spans {total_steps} steps and restarts at lr {inner.get_last_lr()[0]:.3g} (not the same as one run of "
+        f"{total_steps} steps from scratch)"
+    )
