@@ -28,11 +28,11 @@ from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.resume_plan import (
     apply_plan,
     complete_record,
-    extend_schedule,
     plan_resume,
     plan_total_steps,
     pull_for_plan,
     read_complete,
+    reschedule,
 )
 from resumable.retention import RetentionPolicy, prune_checkpoints
 
@@ -144,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         skip, note = batches_to_skip(saved, (world, bs, ga), progress.samples_in_epoch, progress.batches_in_epoch)
         if note:
             accelerator.print(note)
+        progress.replanned = progress.replanned or saved != (world, bs, ga)
         if saved[0] * saved[1] * saved[2] != world * bs * ga:
             accelerator.print(
                 f"WARNING: global batch changed from {saved[0] * saved[1] * saved[2]} to {world * bs * ga}"
@@ -157,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = world, bs, ga
     progress.branch, progress.data_fingerprint = plan.branch or progress.branch, fingerprint
-    if plan.extending is not None:  # every process moves its scheduler to the new schedule
-        message = extend_schedule(scheduler, cfg, progress.step, total_steps)
+    if progress.total_steps not in (0, total_steps):  # every process moves its scheduler to the new schedule
+        message = reschedule(scheduler, cfg, progress.step, progress.total_steps, total_steps)
         if is_main:
             warn(message)
+    progress.total_steps = total_steps
     train_log = TrainLog(out / "train_log.jsonl")
     if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
         train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)

@@ -200,3 +200,16 @@ def test_a_user_error_in_a_new_process_is_one_line_without_traceback(tmp_path):
 def test_help_works_for_every_subcommand(command):
     result = ok(cli(command, "--help"))
     assert result.stdout.startswith(f"usage: checkpoints.py {command}")
+
+
+@pytest.mark.slow
+def test_list_and_prune_follow_the_retention_the_run_recorded(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    args = ["--checkpointing_steps", "0", "--keep_epoch_every", "1", "--keep_best", "0"]  # epoch ends: 9, 18, 27
+    ok(Run([*TINY_LM, *args], out, cache_dir).run())
+    assert "epoch" in row(ok(cli("list", out)).stdout, "step-00000009")
+    result = ok(cli("prune", out, "--keep", "1", "--yes"))
+    assert "deleted 0 checkpoint(s)" in result.stdout
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (9, 18, 27)]
+    ok(cli("prune", out, "--keep", "1", "--keep_epoch_every", "0", "--yes"))  # a flag given overrides the record
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000027"]

@@ -96,9 +96,17 @@ def test_output_dir_that_is_a_file_is_rejected(tmp_path):
 
 
 def test_resume_path_without_manifest_is_rejected(tmp_path):
+    from resumable.resume_plan import plan_resume
+
     (tmp_path / "step-00000005").mkdir()
+    cfg = parse_config(
+        ["--output_dir", str(tmp_path / "o"), "--resume_from_checkpoint", str(tmp_path / "step-00000005")]
+    )
     with pytest.raises(UserError, match="not a complete checkpoint"):
-        parse_config(["--output_dir", "o", "--resume_from_checkpoint", str(tmp_path / "step-00000005")])
+        plan_resume(cfg)
+    cfg.resume_from_checkpoint = str(tmp_path / "missing")
+    with pytest.raises(UserError, match="no such checkpoint directory"):
+        plan_resume(cfg)
 
 
 @pytest.mark.parametrize("text, seconds", [("3h50m", 13800), ("45m", 2700), ("90s", 90), ("7200", 7200), ("1d", 86400)])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -353,3 +354,48 @@ def test_checkpoints_cli_lists_verifies_and_prunes_a_remote_run(s3, url, trained
     assert cli("prune", url, "--keep", "1", "--keep_best", "1", "--yes") == 0
     assert not s3.exists(f"{url}/checkpoints/{S4}/manifest.json")  # no pool wanted step 4 (step 5 is best)
     assert s3.exists(f"{url}/checkpoints/{S8}/manifest.json")
+
+
+@pytest.mark.slow
+def test_deleting_the_remote_run_starts_over_instead_of_pushing_the_staging_copy_back(s3, url, cache_dir):
+    ok(Run([*TINY_LM, "--max_steps", "6"], url, cache_dir).run())
+    s3.rm(url, recursive=True)  # the user deletes the run to start over, with new hyperparameters
+    result = ok(Run([*TINY_LM, "--max_steps", "5", "--learning_rate", "0.002"], url, cache_dir).run())
+    assert "Resuming" not in result.stdout + result.stderr and "remote run was deleted" in result.stderr
+    log = [json.loads(line) for line in s3.cat_file(f"{url}/train_log.jsonl").decode().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4, 5]
+    assert json.loads(s3.cat_file(f"{url}/COMPLETE"))["step"] == 5
+    assert sorted(n.rsplit("/", 1)[-1] for n in s3.ls(f"{url}/checkpoints")) == ["step-00000004", "step-00000005"]
+
+
+@pytest.mark.slow
+def test_a_branch_on_an_s3_output_dir_sets_the_newer_remote_checkpoints_aside(s3, url, tmp_path, cache_dir):
+    args = [*TINY_LM, "--max_steps", "20", "--eval_steps", "4"]
+    Run([*args, "--max_steps_per_run", "18"], url, cache_dir).run_expecting(75)
+    Run([*args, "--resume_from_checkpoint", "best", "--max_steps_per_run", "1"], url, cache_dir).run_expecting(75)
+    best = json.loads(s3.cat_file(f"{url}/run_status.json"))["step"] - 1
+    remote = sorted(int(n.rsplit("-", 1)[-1]) for n in s3.ls(f"{url}/checkpoints"))
+    assert remote[-1] == best + 1 and 18 not in remote  # the abandoned line is not in checkpoints/ any more
+    assert s3.exists(f"{url}/abandoned") and any(
+        p.endswith("step-00000018/manifest.json") for p in s3.find(f"{url}/abandoned")
+    )
+    shutil.rmtree(staging_dir(url, cache_dir))  # a new machine: the default run continues the branch
+    result = ok(Run(args, url, cache_dir).run())
+    assert f"step-{best + 1:08d}: step {best + 1}," in result.stdout + result.stderr
+
+
+def test_slurm_verdict_ignores_a_remote_status_left_by_an_earlier_attempt(s3, url, tmp_path):
+    """common.sh can delete a stale local run_status.json, not one in the bucket: the attempt id must decide."""
+    import os
+    import subprocess
+
+    from conftest import PYTHON, REPO
+
+    stale = {"status": "requeue", "exit_code": 75, "step": 8, "attempt": "earlier-job"}
+    s3.pipe_file(f"{url}/run_status.json", json.dumps(stale).encode())
+    script = "source scripts/slurm/common.sh && finish 1"  # the launcher crashed before writing any status
+    env = {**os.environ, "PATH": str(Path(PYTHON).parent) + ":/usr/bin:/bin", "REPO_DIR": str(REPO),
+           "TRAIN_CONFIG": "", "OUTPUT_DIR": url, "SCRATCH": str(tmp_path), "SLURM_JOB_ID": "123"}  # fmt: skip
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert "=== FAILURE: launcher exit 1" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 1  # not 75: the job is not requeued for a crash

@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import ACCELERATE, REPO, TINY_LM, TRAIN, Run, checkpoint_steps, ok, train_records
+from conftest import ACCELERATE, REPO, TINY_LM, TRAIN, Run, checkpoint_steps, ok
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +50,6 @@ def test_final_model_reloads_with_from_pretrained(tmp_path, cache_dir):
     tok = AutoTokenizer.from_pretrained(tmp_path / "final")
     ids = tok("import os\n", return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape[-1] == len(tok)
-
-
-def test_resume_from_checkpoint_none_starts_over_without_deleting(tmp_path, cache_dir):
-    args = [*TINY_LM, "--max_steps", "8"]
-    Run([*args, "--max_steps_per_run", "5"], tmp_path, cache_dir).run_expecting(75)
-    kept = checkpoint_steps(tmp_path)
-    result = ok(Run([*args, "--resume_from_checkpoint", "none"], tmp_path, cache_dir).run())
-    assert "Resuming" not in result.stdout + result.stderr
-    assert set(kept) <= set(checkpoint_steps(tmp_path))
-    assert [r["step"] for r in train_records(tmp_path)] == list(range(1, 9))
 
 
 def test_explicit_checkpoint_path_resumes_from_it(tmp_path, cache_dir):

@@ -50,6 +50,8 @@ class Progress:
     gradient_accumulation_steps: int = 0
     branch: dict | None = None  # how this line of checkpoints began (resume_plan.py): a branch or a start-over
     data_fingerprint: dict | None = None  # the training data this position is a position in (data.py)
+    total_steps: int = 0  # the step the run was planned to end at when saved: the LR schedule's length
+    replanned: bool = False  # the layout changed at some resume: the total counts steps done + steps left
 
 
 def step_name(step: int) -> str:

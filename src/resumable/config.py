@@ -150,15 +150,8 @@ class TrainConfig:
         parse_signals(self.stop_signals)
 
     def _check_resume(self) -> None:
-        r = self.resume_from_checkpoint
-        if r in RESUME_KEYWORDS:
-            return
-        path = Path(r)
-        _require(path.is_dir(), f"--resume_from_checkpoint {r}: no such checkpoint directory")
-        _require(
-            (path / "manifest.json").is_file(),
-            f"--resume_from_checkpoint {r}: not a complete checkpoint (no manifest.json)",
-        )
+        """A checkpoint path is checked when the run is planned (resume_plan.py): a branch it started continues
+        under the same command even once that checkpoint has been pruned."""
 
     @property
     def checkpoints_dir(self) -> Path:

@@ -239,20 +239,28 @@ class RemoteMirror(ObjectStore):
     def forget_if_deleted(self) -> bool:
         """The remote run was deleted although this staging folder pushed to it: the user wants to start over, and
         the staging folder is only a cache, so it is discarded (never pushed back as if it were the run)."""
-        if not (self.local_dir / PUSHED).exists() or not self.is_empty():
-            return False
-        log.warning("%s is empty but %s had pushed to it: the remote run was deleted; starting over", self.url,
-                    self.local_dir)  # fmt: skip
-        shutil.rmtree(self.local_dir)
+        with self._lock():  # every process calls this; the first one clears, the others then find nothing pushed
+            if not (self.local_dir / PUSHED).exists() or not self.is_empty():
+                return False
+            for child in self.local_dir.iterdir():
+                if child.name != ".pull.lock":  # the lock stays: others may be waiting on it
+                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+        log.warning("%s is empty but its staging copy %s had pushed to it: the remote run was deleted; starting "
+                    "over (the staging copy was a cache and is cleared)", self.url, self.local_dir)  # fmt: skip
         return True
 
     def fetch_complete(self) -> bool:
         """Bring the remote COMPLETE marker (and run status) of a finished run; True if the run is finished."""
+        with self._lock():  # every process calls this
+            return COMPLETE in self.fetch_files(("run_status.json", COMPLETE))
+
+    def fetch_files(self, names: tuple[str, ...]) -> set[str]:
+        """Download the named top-level files that exist remotely; return the names that did."""
         sizes = self._sizes()
-        for fname in ("run_status.json", COMPLETE):
+        for fname in names:
             if fname in sizes:
                 self._get(self.local_dir / fname, fname)
-        return COMPLETE in sizes
+        return set(names) & set(sizes)
 
     def unfinish(self) -> None:
         """A finished run asked for more: its remote COMPLETE goes first, so a kill leaves a run that resumes."""
@@ -274,6 +282,8 @@ class RemoteMirror(ObjectStore):
             ("train_log.jsonl", "run_status.json") if after_step < 0 else ()
         )
         sizes = self._sizes()
+        if after_step >= 0 and "train_log.jsonl" in sizes:  # the abandoned line's log, kept beside it
+            self._copy(("train_log.jsonl",), (dest, "train_log.jsonl"))
         for fname in [f for f in ends if f in sizes]:
             self._copy((fname,), (dest, fname))
             self._rm(fname)

@@ -15,10 +15,12 @@ Planning only reads; `apply_plan` (main process, once every process has planned)
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ log = logging.getLogger("resumable")
 ABANDONED = "abandoned"
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (export pulls in the metrics and plotting code)
 END_FILES = ("final", "final_metrics.json", "loss_curve.png", COMPLETE)  # a finished run's end
-RUN_FILES = ("checkpoints", "train_log.jsonl", "samples", "runs", "wandb", "run_status.json", *END_FILES)
+RUN_FILES = (COMPLETE, "checkpoints", "train_log.jsonl", "samples", "runs", "wandb", "run_status.json", *END_FILES[:-1])
 
 
 @dataclass
@@ -80,12 +82,21 @@ def wants_more(cfg: TrainConfig, done: dict) -> bool:
     return "epochs" in done and cfg.num_train_epochs > done["epochs"] + 1e-9
 
 
+def flags_digest(cfg: TrainConfig) -> str:
+    """Every flag except those that only say how long this attempt may run: equal for a requeued command."""
+    per_attempt = ("config", "resume_from_checkpoint", "max_steps_per_run", "max_run_time", "stop_signals")
+    flags = {k: v for k, v in sorted(vars(cfg).items()) if k not in per_attempt}
+    return hashlib.sha256(json.dumps(flags, default=str).encode()).hexdigest()[:16]
+
+
 def _key(request: str) -> str:
     return request if request in RESUME_KEYWORDS else str(Path(request).resolve())
 
 
 def _step(folder: Path) -> int:
-    return int(folder.name.split("-")[1])
+    """The step of a `step-N` folder; -1 for any other name (never set aside as part of a line)."""
+    m = re.fullmatch(r"step-(\d+)", folder.name)
+    return int(m.group(1)) if m else -1
 
 
 def _branch_of(folder: Path | None) -> dict:
@@ -99,10 +110,10 @@ def _stamp(suffix: str) -> str:
 def plan_resume(cfg: TrainConfig) -> ResumePlan:
     """Decide what this start-up does; raise UserError for a request that cannot be met. Reads only."""
     request, key = cfg.resume_from_checkpoint, _key(cfg.resume_from_checkpoint)
-    record = {"request": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    record = {"request": key, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "flags": flags_digest(cfg)}
     if request == "none":
         newest = _newest_or_none(cfg.checkpoints_dir)
-        if _branch_of(newest).get("request") == key and _settings_match(newest, cfg):
+        if _branch_of(newest).get("flags") == record["flags"] and _branch_of(newest).get("request") == key:
             return _continue(
                 cfg, newest, f"continuing the run started over with --resume_from_checkpoint none ({newest.name})"
             )
@@ -117,10 +128,10 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     newest = find_latest_checkpoint(cfg.checkpoints_dir)
     if request in ("auto", "latest"):
         return _continue(cfg, newest)
-    target = _requested(cfg)
     if newest is not None and _branch_of(newest).get("request") == key:
         note = f"continuing the branch --resume_from_checkpoint {request} started ({newest.name} is its newest)"
         return _continue(cfg, newest, note)
+    target = _requested(cfg)
     check_settings(target, cfg.resume_settings())
     plan = _continue(cfg, target) if newest is not None and newest.resolve() == target.resolve() else ResumePlan(target)
     plan.branch = {**record, "from": str(target), "from_step": read_manifest(target)["step"]}
@@ -129,7 +140,7 @@ def plan_resume(cfg: TrainConfig) -> ResumePlan:
     out, from_step = Path(cfg.output_dir), plan.branch["from_step"]
     if target.resolve().parent == cfg.checkpoints_dir.resolve():  # an older checkpoint of this run
         newer = [f for f in cfg.checkpoints_dir.iterdir() if f.name.startswith("step-") and _step(f) > from_step]
-        plan.set_aside = sorted(newer) + [p for p in (out / n for n in END_FILES) if p.exists()]
+        plan.set_aside = [p for p in (out / n for n in reversed(END_FILES)) if p.exists()] + sorted(newer)
         plan.label, plan.branch_from_step = _stamp(f"after-step-{from_step}"), from_step
     else:  # another run's checkpoint: this run's own history is not part of the new line
         plan.set_aside = [p for p in (out / n for n in RUN_FILES) if p.exists()]
@@ -177,21 +188,17 @@ def _newest_or_none(checkpoints_dir: Path) -> Path | None:
         return None
 
 
-def _settings_match(folder: Path | None, cfg: TrainConfig) -> bool:
-    try:
-        check_settings(folder, cfg.resume_settings())
-    except UserError:
-        return False
-    return True
-
-
 def _requested(cfg: TrainConfig) -> Path:
     if cfg.resume_from_checkpoint == "best":
         best = best_checkpoint(cfg.checkpoints_dir, RetentionPolicy.from_config(cfg))
         if best is None:
             raise UserError(f"--resume_from_checkpoint best: no valid checkpoint in {cfg.checkpoints_dir} has a metric")
         return best
-    path = Path(cfg.resume_from_checkpoint)
+    path, r = Path(cfg.resume_from_checkpoint), cfg.resume_from_checkpoint
+    if not path.is_dir():
+        raise UserError(f"--resume_from_checkpoint {r}: no such checkpoint directory")
+    if not (path / "manifest.json").is_file():
+        raise UserError(f"--resume_from_checkpoint {r}: not a complete checkpoint (no manifest.json)")
     reason = verify_checkpoint(path)
     if reason is not None:
         raise UserError(f"--resume_from_checkpoint {path}: not a valid checkpoint ({reason})")
@@ -205,7 +212,11 @@ def apply_plan(plan: ResumePlan, out: Path, mirror=None) -> None:
             mirror.unfinish()  # the remote COMPLETE goes first: a kill now leaves a run that resumes
         (out / COMPLETE).unlink(missing_ok=True)
     if plan.set_aside or (mirror is not None and plan.branch_from_step is not None):
+        if mirror is not None:
+            mirror.unfinish()  # a remote COMPLETE first, as locally (set_aside lists it first)
         dest = out / ABANDONED / plan.label
+        while dest.exists() and any(dest.iterdir()) and not (dest / "train_log.jsonl").exists():
+            dest = dest.with_name(dest.name + "+")  # a second plan in the same second
         if (out / "train_log.jsonl").exists() and plan.branch_from_step is not None and plan.branch_from_step >= 0:
             dest.mkdir(parents=True, exist_ok=True)
             shutil.copy2(out / "train_log.jsonl", dest / "train_log.jsonl")  # the live one is cut at the branch
@@ -227,10 +238,8 @@ def plan_total_steps(
     if cfg.max_steps > 0:
         return cfg.max_steps
     planned = math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    if (
-        saved is None
-        or (saved.world_size, saved.per_device_train_batch_size, saved.gradient_accumulation_steps) == layout
-    ):
+    if saved is None or (not saved.replanned and layout == (saved.world_size, saved.per_device_train_batch_size,
+                                                             saved.gradient_accumulation_steps)):  # fmt: skip
         return planned
     same_batch = (saved.world_size, saved.per_device_train_batch_size) == (world, batch)
     skip = saved.batches_in_epoch if same_batch else saved.samples_in_epoch // (world * batch)
@@ -252,20 +261,22 @@ def pull_for_plan(cfg: TrainConfig, mirror) -> None:
     if mirror.fetch_complete():
         if wants_more(cfg, read_complete(mirror.local_dir) or {}):
             mirror.pull_newest()
+            mirror.fetch_files(("train_log.jsonl",))  # the extension appends to the finished run's log
         return
     mirror.pull_latest_valid()
     if cfg.resume_from_checkpoint == "best" and (name := mirror.best_remote(RetentionPolicy.from_config(cfg))):
         mirror.pull_checkpoint(name)
 
 
-def extend_schedule(scheduler, cfg: TrainConfig, step: int, total_steps: int) -> str:
-    """A finished run asked for more: set the LR to what the schedule, rebuilt for the new total, gives at `step`
-    (the loaded state holds the old schedule's end, e.g. 0 after a linear decay). Returns the WARNING to print."""
+def reschedule(scheduler, cfg: TrainConfig, step: int, old_total: int, total_steps: int) -> str:
+    """The planned total changed since the checkpoint (a finished run extended, another --max_steps, another global
+    batch): set the LR to what the schedule, rebuilt for the new total, gives at `step` (the loaded state holds the
+    old schedule's rate, e.g. 0 at the end of a linear decay). Returns the WARNING to print."""
     inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the torch scheduler
     inner.last_epoch -= 1
     inner.step()  # recomputes every group's rate at last_epoch with the new total
     return (
-        f"extending the finished run from step {step} to {total_steps}: the {cfg.lr_scheduler_type} LR schedule now "
-        f"spans {total_steps} steps and restarts at lr {inner.get_last_lr()[0]:.3g} (not the same as one run of "
-        f"{total_steps} steps from scratch)"
+        f"the run now ends at step {total_steps}, not {old_total}: the {cfg.lr_scheduler_type} LR schedule is rebuilt "
+        f"for {total_steps} steps and continues from step {step} at lr {inner.get_last_lr()[0]:.3g} (not the same as "
+        f"one run of {total_steps} steps from scratch)"
     )
