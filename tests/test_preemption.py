@@ -70,9 +70,10 @@ def stop_ddp_run_and_resume(tmp_path, tmp_path_factory, cache_dir, at_step: int,
     deliver(run)
     output, _ = run.proc.communicate(timeout=90)
     stop_step = assert_stopped_with_checkpoint_at_last_step(tmp_path)
-    # every rank passed the final barrier before the process group went away, and exited 75
-    assert "process group has not been initialized" not in output and "Traceback" not in output, output[-3000:]
-    assert output.count("Stopped (") == 1 and "exitcode  : 1" not in output, output[-3000:]
+    # every rank passed the final barrier before the process group went away, and exited 75 (torchrun still prints
+    # its own ChildFailedError for any non-zero exit: run_status.json carries the verdict)
+    assert "process group has not been initialized" not in output, output[-3000:]
+    assert "(exitcode: 1)" not in output, output[-3000:]
     files = json.loads((tmp_path / "checkpoints" / f"step-{stop_step:08d}" / "manifest.json").read_text())["files"]
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files)  # both ranks saved at that step
     ok(Run(DDP_LM, tmp_path, cache_dir, launcher="cpu_ddp").run())
