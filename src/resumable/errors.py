@@ -1,4 +1,4 @@
-"""User errors: one line naming the flag or file, exit code 2, no traceback."""
+"""Errors a person can act on: one line naming the flag, file or folder, a non-zero exit code, no traceback."""
 
 from __future__ import annotations
 
@@ -10,14 +10,23 @@ from typing import TypeVar
 T = TypeVar("T")
 
 USER_ERROR_EXIT_CODE = 2
+ENVIRONMENT_EXIT_CODE = 74  # sysexits' EX_IOERR: the machine, not the input (full disk, unwritable folder)
 
 
 class UserError(Exception):
     """A mistake in the command line, a config file or a data file: reported in one line, never a traceback."""
 
+    exit_code = USER_ERROR_EXIT_CODE
+
+
+class EnvironmentFailure(UserError):
+    """The machine failed the run (full disk, unwritable or read-only folder): one line, exit 74, nothing lost."""
+
+    exit_code = ENVIRONMENT_EXIT_CODE
+
 
 def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
-    """Wrap a script's `main` so that a `UserError` prints `error: ...` on stderr and exits with code 2."""
+    """Wrap a script's `main` so that a `UserError` prints `error: ...` on stderr and exits with its code (2, 74)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -25,7 +34,7 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
-            sys.exit(USER_ERROR_EXIT_CODE)
+            sys.exit(err.exit_code)
 
     return wrapper
 
