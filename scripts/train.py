@@ -2,7 +2,8 @@
 
     accelerate launch --config_file accelerate_configs/cpu.yaml scripts/train.py --config configs/tiny_lm.yaml
 
-Exit codes: 0 finished (or already complete), 75 checkpointed after a stop request (run again), 2 bad input.
+Exit codes: 0 finished (or already complete), 75 checkpointed after a stop request (run again), 2 bad input,
+3 stopped on a non-finite loss (--nan_policy), 74 the machine failed the run (full disk, unwritable folder).
 """
 
 from __future__ import annotations
@@ -11,18 +12,18 @@ import contextlib
 import dataclasses
 import json
 import os
-import secrets
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from resumable.checkpoint import Progress, amend_checkpoint, load_checkpoint, read_progress, save_checkpoint, step_name
+from resumable.checkpoint import amend_checkpoint, read_progress, save_checkpoint, step_name
 from resumable.config import cache_root, parse_config, parse_duration
-from resumable.errors import UserError, exit_on_user_error, warn
+from resumable.errors import exit_on_user_error
 from resumable.export import finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
+from resumable.logs import get_logger, log_to_file, setup_logging
 from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
 from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.resume_plan import (
@@ -32,15 +33,18 @@ from resumable.resume_plan import (
     plan_total_steps,
     pull_for_plan,
     read_complete,
-    reschedule,
 )
 from resumable.retention import RetentionPolicy, prune_checkpoints
+from resumable.trackers import choose_trackers, describe, start_trackers
+
+log = get_logger("resumable.train")
 
 
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> int:
     # --- config
     cfg = parse_config(argv)
+    setup_logging(cfg.log_level)
     # handlers first: a preemption signal during the slow start-up must not kill the process
     budget = parse_duration(cfg.max_run_time) if cfg.max_run_time else None
     stop = StopRequest(parse_signals(cfg.stop_signals), budget, cfg.max_steps_per_run).install()
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.output_dir)
     plan = plan_resume(cfg)  # continue, branch, start over, extend or nothing to do; before import-heavy work
     if plan.complete:
-        print(plan.complete)
+        log.info(plan.complete)
         if int(os.environ.get("RANK", "0")) == 0:
             write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
             if mirror:
@@ -66,22 +70,18 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate.utils import ProjectConfiguration, set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
+    from transformers.utils.logging import disable_progress_bar
 
-    from resumable.data import (
-        batches_to_skip,
-        build_dataloaders,
-        check_same_data,
-        data_fingerprint,
-        load_raw_datasets,
-        load_tokenizer,
-        tokenize_datasets,
-    )
+    from resumable.data import build_dataloaders, data_fingerprint, load_raw_datasets, load_tokenizer, tokenize_datasets
+    from resumable.divergence import NanGuard, measure_and_clip, poison, stop_diverged
     from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
     from resumable.modeling import build_model
+    from resumable.restore import restore
 
     # --- accelerator
-    trackers = {"none": None, "all": ["tensorboard", "wandb"]}.get(cfg.report_to, [cfg.report_to])
-    if trackers and "wandb" in trackers:
+    disable_progress_bar()  # the library's "Writing model shards" bars; our own step bar stays
+    trackers = choose_trackers(cfg.report_to)
+    if "wandb" in trackers:
         os.environ.setdefault("WANDB_DIR", str(out))  # keep wandb's files with the run, not in the cwd
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -94,19 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_distributed(world)
-    accelerator.wait_for_everyone()  # every process has planned before anything is moved
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        apply_plan(plan, out, mirror)
-        for line in plan.info:
-            warn(line, "INFO")
-        for line in plan.warnings:
-            warn(line)
-        if mirror:
-            mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
-    accelerator.wait_for_everyone()
+    log.info(f"{cfg.task} run in {out}: {world} process(es) on {accelerator.device}, precision "
+             f"{accelerator.mixed_precision}; {describe(cfg.report_to, trackers)}")  # fmt: skip
 
-    # --- data
+    # --- data (nothing in the output dir changes before the data and the model are known to be usable)
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # rank 0 builds corpora, tokenizer and caches; the others reuse them
         raw = load_raw_datasets(cfg)
@@ -114,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
     fingerprint = data_fingerprint(train_ds)
     train_dl, eval_dl = build_dataloaders(cfg, train_ds, eval_ds, tokenizer)
+    unit = f"blocks of {cfg.block_size} tokens" if cfg.task == "causal_lm" else "examples"
+    log.info(f"Data: {len(train_ds)} training and {len(eval_ds)} validation {unit}")
 
     # --- model, optimizer, scheduler
     set_seed(cfg.seed)  # model init must not depend on how much randomness data preparation used
@@ -133,36 +126,26 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     scheduler = accelerator.prepare(scheduler)
+    log.info(f"Model: {sum(p.numel() for p in model.parameters()):,} parameters; {batches_per_epoch} micro-batches "
+             f"of {bs} per process per epoch, global batch {world * bs * ga}, {total_steps} steps in total")  # fmt: skip
 
-    # --- resume
-    progress = Progress(tracker_run_id=secrets.token_hex(4), world_size=world)
-    resume_msg = ""
-    if resume_dir is not None:
-        progress = load_checkpoint(accelerator, resume_dir, cfg.seed)
-        check_same_data(cfg, resume_dir, progress.data_fingerprint, fingerprint)
-        saved = (progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps)
-        skip, note = batches_to_skip(saved, (world, bs, ga), progress.samples_in_epoch, progress.batches_in_epoch)
-        if note:
-            accelerator.print(note)
-        progress.replanned = progress.replanned or saved != (world, bs, ga)
-        if saved[0] * saved[1] * saved[2] != world * bs * ga:
-            accelerator.print(
-                f"WARNING: global batch changed from {saved[0] * saved[1] * saved[2]} to {world * bs * ga}"
-            )
-        if skip >= batches_per_epoch:  # never spin on an epoch that has nothing left
-            raise UserError(f"{resume_dir}: its position ({skip} batches into the epoch) is past the epoch's end")
-        progress.batches_in_epoch = skip
-        resume_msg = (
-            f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
-            f"batch {progress.batches_in_epoch}/{batches_per_epoch} of the epoch"
-        )
-    progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = world, bs, ga
-    progress.branch, progress.data_fingerprint = plan.branch or progress.branch, fingerprint
-    if progress.total_steps not in (0, total_steps):  # every process moves its scheduler to the new schedule
-        message = reschedule(scheduler, cfg, progress.step, progress.total_steps, total_steps)
-        if is_main:
-            warn(message)
-    progress.total_steps = total_steps
+    # --- resume (the output dir is touched from here on)
+    accelerator.wait_for_everyone()  # every process has planned before anything is moved
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        log_to_file(out / "train.log")
+        apply_plan(plan, out, mirror)
+        for line in plan.info:
+            log.info(line)
+        for line in plan.warnings:
+            log.warning(line)
+        if mirror:
+            mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
+        log.info(f"Checkpoints: {cfg.checkpoints_dir} ({'resuming' if resume_dir else 'fresh start'})")
+    accelerator.wait_for_everyone()
+    progress, resume_msg = restore(
+        accelerator, cfg, plan, (world, bs, ga), batches_per_epoch, fingerprint, scheduler, total_steps
+    )
     train_log = TrainLog(out / "train_log.jsonl")
     if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
         train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)
@@ -171,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         samples_log.truncate_after(progress.step)
     policy = RetentionPolicy.from_config(cfg)
     settings = {k: v for k, v in vars(cfg).items() if v is not None}
-    accelerator.init_trackers(
-        cfg.project_name, config=settings, init_kwargs={"wandb": {"id": progress.tracker_run_id, "resume": "allow"}}
-    )
+    start_trackers(accelerator, cfg, trackers, settings, progress.step, progress.tracker_run_id)
+    guard = NanGuard(cfg.nan_policy, cfg.max_nan_skips, scaler_active=accelerator.scaler is not None)
 
     def state() -> tuple[int, str]:
         return progress.step, json.dumps(dataclasses.asdict(progress), sort_keys=True)
@@ -243,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         t_step = time.perf_counter()
         for batch in batches:
             if resume_msg:  # one line, once the first resumed batch is in hand
-                ms = (time.perf_counter() - t0) * 1e3
-                if is_main:
-                    tqdm.write(f"{resume_msg}; fast-forwarded {micro} batches in {ms:.1f} ms")
+                log.info(f"{resume_msg}; fast-forwarded {micro} batches in {(time.perf_counter() - t0) * 1e3:.1f} ms")
                 resume_msg = ""
             window = min(ga, batches_per_epoch - window_start)  # the epoch's last window may be short
             last_micro = micro - window_start == window - 1
@@ -254,18 +234,28 @@ def main(argv: list[str] | None = None) -> int:
                     {"step": progress.step + 1, "epoch": progress.epoch, "samples": example_hashes(batch)}
                 )
             with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                loss = model(**batch).loss / window  # scaled by the real window size, not ga
+                loss = poison(model(**batch).loss, progress.step + 1) / window  # the real window size, not ga
                 accelerator.backward(loss)
             window_loss += loss.detach()
             micro += 1
             if not last_micro:
                 continue
-            # --- optimizer step
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            # --- optimizer step, once every rank knows the loss and gradients are finite
+            grad_norm = measure_and_clip(accelerator, model, cfg.max_grad_norm)
+            done = progress.step + 1 >= total_steps
+            eval_due = done or bool(cfg.eval_steps and (progress.step + 1) % cfg.eval_steps == 0)
+            stop.note_step(time.perf_counter() - t_step)
+            stop.check_budgets(steps_this_run + 1, eval_due)
+            # one all-reduce carries the loss, the stop flag and the non-finite flag: ranks agree for free
+            flags = torch.stack([torch.tensor(float(stop.local_flag)), guard.local_flag(window_loss, grad_norm).cpu()])
+            stats = accelerator.reduce(torch.cat([window_loss.float().view(1), flags.to(accelerator.device)]), "sum")
+            step_loss, stopping, bad = (stats[0] / world).item(), stats[1].item() > 0, stats[2].item() > 0
             lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on after it)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
+            if diverged := guard.diverged(bad, progress, step_loss, grad_norm):
+                return stop_diverged(accelerator, out, mirror, progress.step, diverged)
+            if not bad:
+                optimizer.step()
+            if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
@@ -275,24 +265,14 @@ def main(argv: list[str] | None = None) -> int:
             progress.batches_in_epoch = window_start = micro
             if micro == batches_per_epoch:
                 progress.epoch, progress.batches_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
-            done = progress.step >= total_steps
-            eval_due = done or bool(cfg.eval_steps and progress.step % cfg.eval_steps == 0)
-            stop.note_step(time.perf_counter() - t_step)
-            stop.check_budgets(steps_this_run, eval_due)
-            # one all-reduce carries both the loss and the stop flag: ranks agree on the stop step for free
-            stats = accelerator.reduce(
-                torch.stack([window_loss.float(), torch.tensor(float(stop.local_flag), device=accelerator.device)]),
-                "sum",
-            )
-            step_loss, stopping = (stats[0] / world).item(), stats[1].item() > 0
             # --- log, evaluate, save
             if is_main:
                 record = {"step": progress.step, "epoch": progress.epoch, "train/loss": step_loss, "lr": lr}
                 train_log.append({**record, "time": round(time.time(), 4)})
             if progress.step % cfg.logging_steps == 0:
                 accelerator.log({"train/loss": step_loss, "lr": lr}, step=progress.step)
+            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)  # shown by the update below
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
             if eval_due and stopping:  # a stop never waits for an evaluation: the resumed run does it first
                 progress.eval_pending = True
             elif eval_due:
@@ -314,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if progress.step < total_steps or progress.eval_pending:
         save()
         pending = ", its evaluation runs first on resume" if progress.eval_pending else ""
-        accelerator.print(
+        log.warning(
             f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved"
             f"{pending}. Run the same command to resume."
         )

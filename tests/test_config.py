@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import PYTHON, REPO, TRAIN
 
-from resumable.config import TrainConfig, field_names, flags_markdown, parse_config
+from resumable.config import TrainConfig, field_names, parse_config
 from resumable.errors import UserError
+from resumable.flag_docs import flags_markdown
 
 
 def write(path: Path, text: str) -> Path:

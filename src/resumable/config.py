@@ -6,7 +6,7 @@ import difflib
 import os
 import re
 import sys
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +16,17 @@ from transformers import HfArgumentParser
 from resumable.errors import UserError
 
 TASKS = ("causal_lm", "sequence_classification")
+# transformers schedules driven by the step alone (reduce_lr_on_plateau needs a metric, *_min_lr and
+# warmup_stable_decay need extra arguments this loop does not pass)
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 DATA_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 RESUME_KEYWORDS = ("auto", "latest", "best", "none")
 TASK_METRICS = {
@@ -64,7 +75,7 @@ class TrainConfig:
     adam_beta2: float = _f(0.999, "AdamW beta2.")
     adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this global norm; 0 disables clipping.")
-    lr_scheduler_type: str = _f("linear", "transformers scheduler name (linear, cosine, constant_with_warmup, ...).")
+    lr_scheduler_type: Literal[SCHEDULERS] = _f("linear", "LR schedule over optimizer steps (transformers' names).")
     warmup_steps: int = _f(0, "Linear warmup length (optimizer steps).")
     per_device_train_batch_size: int = _f(8, "Micro-batch size per process (examples).")
     per_device_eval_batch_size: int = _f(8, "Evaluation batch size per process (examples).")
@@ -86,6 +97,11 @@ class TrainConfig:
     record_samples: bool = _f(False, "Append a hash of every training example to samples/rank{R}.jsonl (audit).")
     report_to: Literal["tensorboard", "wandb", "all", "none"] = _f("tensorboard", "Experiment tracker.")
     project_name: str = _f("resumable", "Tracker project name.")
+    log_level: Literal["debug", "info", "warning", "error"] = _f("info", "Console and train.log verbosity.")
+    nan_policy: Literal["stop", "skip_step"] = _f(
+        "stop", "A non-finite loss or gradient norm: stop, or skip the update."
+    )
+    max_nan_skips: int = _f(5, "With skip_step: stop after this many skipped updates in a row (optimizer steps).")
     # --- Preemption and budgets
     max_run_time: str | None = _f(None, "Wall-clock budget for this run, e.g. 3h50m or 7200 (seconds).")
     max_steps_per_run: int = _f(0, "Stop (checkpoint, exit 'run me again') after N steps in this run; 0: off.")
@@ -105,6 +121,7 @@ class TrainConfig:
             "dataloader_num_workers",
             "keep_epoch_every",
             "keep_best",
+            "max_nan_skips",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
@@ -148,6 +165,9 @@ class TrainConfig:
         from resumable.preemption import parse_signals  # late: preemption imports nothing from here
 
         parse_signals(self.stop_signals)
+        from resumable.trackers import choose_trackers
+
+        choose_trackers(self.report_to)  # an explicit tracker that is not installed fails here, not after start-up
 
     def _check_resume(self) -> None:
         """A checkpoint path is checked when the run is planned (resume_plan.py): a branch it started continues
@@ -265,23 +285,6 @@ def cache_root(cfg: TrainConfig | None = None) -> Path:
     return Path(root).expanduser()
 
 
-def flags_markdown() -> str:
-    """The README's flag table, generated from the dataclass so the two never drift apart."""
-    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for f in fields(TrainConfig):
-        default = "" if f.default is MISSING or f.default is None else f"`{f.default}`"
-        rows.append(f"| `--{f.name}` | {default} | {f.metadata['help']} |")
-    return "\n".join(rows) + "\n"
-
-
-def update_readme(path: Path) -> None:
-    """Replace the table between the flag markers in README.md."""
-    text = path.read_text()
-    start, end = "<!-- flags:start -->\n", "<!-- flags:end -->"
-    head, rest = text.split(start, 1)
-    path.write_text(head + start + flags_markdown() + end + rest.split(end, 1)[1])
-
-
 if __name__ == "__main__":  # python -m resumable.config [README.md | --get FIELD TRAIN_FLAGS...]
     if sys.argv[1:2] == ["--get"]:  # e.g. the Slurm scripts asking for the output_dir a command line resolves to
         try:
@@ -290,6 +293,10 @@ if __name__ == "__main__":  # python -m resumable.config [README.md | --get FIEL
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
     elif len(sys.argv) > 1:
+        from resumable.flag_docs import update_readme
+
         update_readme(Path(sys.argv[1]))
     else:
+        from resumable.flag_docs import flags_markdown
+
         print(flags_markdown(), end="")

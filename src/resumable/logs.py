@@ -20,10 +20,12 @@ FORMAT = "%(asctime)s %(levelname)s %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 LEVELS = ("debug", "info", "warning", "error")
 
-# Library messages a user cannot act on. Matched exactly, so every other warning still shows.
+# Library messages a user cannot act on, matched by logger and text, so every other warning still shows.
 QUIET = (
     # accelerate's save_state on tied embeddings (GPT-2's lm_head is wte): safetensors stores one copy by design
-    ("accelerate", "Removed shared tensor"),
+    ("accelerate.utils.other", "Removed shared tensor"),
+    # transformers finds no loss name in GPT2LMHeadModel's class name and falls back to the causal LM loss it is
+    ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized"),
 )
 
 
@@ -62,7 +64,32 @@ def get_logger(name: str) -> RankAdapter:
 
 class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not any(record.name.startswith(src) and str(record.msg).startswith(text) for src, text in QUIET)
+        return not any(record.name == src and text in str(record.msg) for src, text in QUIET)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes above the progress bar instead of through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class _Buffer(logging.Handler):
+    """Lines logged before the output dir may be touched (a bad input must leave it as it was); `log_to_file`
+    writes them first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.records) < 10_000:
+            self.records.append(record)
 
 
 def setup_logging(level: str = "info") -> None:
@@ -70,11 +97,11 @@ def setup_logging(level: str = "info") -> None:
     root = logging.getLogger(ROOT)
     root.setLevel(level.upper())
     root.propagate = False
-    if not any(getattr(h, "_resumable", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _TqdmHandler) for h in root.handlers):
+        handler = _TqdmHandler(sys.stderr)
         handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
-        handler._resumable = True
         root.addHandler(handler)
+        root.addHandler(_Buffer())
     for source, _ in QUIET:
         logger = logging.getLogger(source)
         if not any(isinstance(f, _Quiet) for f in logger.filters):
@@ -90,4 +117,8 @@ def log_to_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(target, mode="a", encoding="utf-8", delay=False)
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    for buffer in [h for h in root.handlers if isinstance(h, _Buffer)]:
+        for record in buffer.records:
+            handler.handle(record)
+        root.removeHandler(buffer)
     root.addHandler(handler)

@@ -1,0 +1,85 @@
+"""A loss or gradient norm that is not finite: stop before it reaches the weights, or skip that update.
+
+The check runs before `optimizer.step()`, and its flag travels in the loop's one all-reduce, so every rank takes the
+same decision at the same step and no checkpoint ever holds weights a NaN has touched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from resumable.checkpoint import find_latest_checkpoint
+from resumable.logs import get_logger
+from resumable.preemption import write_run_status
+
+log = get_logger(__name__)
+EXIT_DIVERGED = 3  # the run stopped itself: re-running the same command would diverge again
+FAULT_ENV = "RESUMABLE_FAULT"  # chaos tests: nan_loss:STEP poisons that step's loss on this process
+
+
+def measure_and_clip(accelerator, model: torch.nn.Module, max_grad_norm: float) -> torch.Tensor:
+    """The global gradient norm (clipped to `max_grad_norm` when > 0). After the gradient all-reduce every rank
+    holds the same gradients, so every rank computes the same norm."""
+    if max_grad_norm > 0:
+        return accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+
+
+def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Tests inject a NaN into the loss of a chosen step (`RESUMABLE_FAULT=nan_loss:STEP`)."""
+    return loss * float("nan") if os.environ.get(FAULT_ENV) == f"nan_loss:{step}" else loss
+
+
+class NanGuard:
+    """`--nan_policy stop|skip_step`: what a non-finite loss or gradient norm does to the run."""
+
+    def __init__(self, policy: str, max_skips: int, scaler_active: bool):
+        self.policy, self.max_skips = policy, max_skips
+        self.scaler_active = scaler_active  # fp16: an inf gradient is the loss scaler's business (it skips the step)
+
+    def local_flag(self, window_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+        bad = ~torch.isfinite(window_loss)
+        if not self.scaler_active:
+            bad |= ~torch.isfinite(grad_norm.to(window_loss.device))
+        return bad.float()
+
+    def diverged(self, bad: bool, progress, loss: float, grad_norm: torch.Tensor) -> str:
+        """Called with the ranks' agreed flag for the update about to happen. Returns "" to go on (the caller skips
+        the update when `bad`), or the line that stops the run."""
+        if not bad:
+            progress.nonfinite_in_a_row = 0
+            return ""
+        what = f"step {progress.step + 1}: loss {loss:g}, gradient norm {grad_norm.item():g}"
+        if self.policy == "stop":
+            return f"{what}: not finite (--nan_policy stop)"
+        progress.nonfinite_in_a_row += 1
+        progress.skipped_steps += 1
+        if progress.nonfinite_in_a_row > self.max_skips:
+            return (
+                f"{what}: {progress.nonfinite_in_a_row} non-finite updates in a row (--max_nan_skips {self.max_skips})"
+            )
+        log.warning(
+            f"{what}: not finite, update skipped ({progress.nonfinite_in_a_row} in a row, {progress.skipped_steps} "
+            f"in all; the run stops after {self.max_skips} in a row)"
+        )
+        return ""
+
+
+def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int:
+    """Stop every rank without saving (the update was not applied, but nothing after it can be trusted either)."""
+    if accelerator.is_main_process:
+        latest = find_latest_checkpoint(out / "checkpoints", deep=False)
+        log.error(
+            f"{reason}; stopped before the update, nothing saved. Last good checkpoint: {latest or 'none yet'}. "
+            "Resume from it with a lower --learning_rate (--resume_from_checkpoint PATH), or use --nan_policy skip_step"
+        )
+        write_run_status(out, "diverged", EXIT_DIVERGED, step, reason=reason)
+        if mirror:
+            mirror.push_file("run_status.json")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return EXIT_DIVERGED

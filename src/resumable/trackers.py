@@ -1,0 +1,66 @@
+"""Experiment trackers (TensorBoard, W&B) that show one run with each step once, however many times it resumed."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+from resumable.errors import UserError
+from resumable.logs import get_logger
+
+log = get_logger(__name__)
+KNOWN = ("tensorboard", "wandb")
+INSTALL = {"tensorboard": "pip install tensorboard", "wandb": "pip install -e '.[wandb]'"}
+
+
+def is_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def choose_trackers(report_to: str) -> list[str]:
+    """`--report_to` -> the trackers that will run. An explicit one that is not installed is an error; `all` takes
+    those installed (and the log says which)."""
+    if report_to == "none":
+        return []
+    if report_to == "all":
+        return [name for name in KNOWN if is_installed(name)]
+    if not is_installed(report_to):
+        raise UserError(f"--report_to {report_to}: {report_to} is not installed ({INSTALL[report_to]}), or use none")
+    return [report_to]
+
+
+def describe(report_to: str, trackers: list[str]) -> str:
+    missing = [
+        f"{name} not installed: {INSTALL[name]}" for name in KNOWN if report_to == "all" and name not in trackers
+    ]
+    return f"Trackers: {', '.join(trackers) or 'none'}" + (f" ({'; '.join(missing)})" if missing else "")
+
+
+def start_trackers(accelerator, cfg, trackers: list[str], settings: dict[str, Any], step: int, run_id: str) -> None:
+    """Start the trackers so that a resumed run overwrites, never duplicates, what a killed attempt logged past `step`.
+
+    TensorBoard: `purge_step` makes its reader drop the earlier files' events from `step + 1` on, and the settings go
+    into the run itself (accelerate's `add_hparams` would add one timestamped sub-run per start). W&B: the same run id
+    resumes the same run; its config is updated in place.
+    """
+    if not trackers:
+        return
+    init_kwargs = {"tensorboard": {"purge_step": step + 1}, "wandb": {"id": run_id, "resume": "allow"}}
+    accelerator.init_trackers(cfg.project_name, config=None, init_kwargs=init_kwargs)
+    if not accelerator.is_main_process:
+        return
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            if step == 0:
+                _write_hparams(tracker.writer, settings)
+        else:
+            tracker.store_init_configuration(settings)
+
+
+def _write_hparams(writer, settings: dict[str, Any]) -> None:
+    from torch.utils.tensorboard.summary import hparams
+
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.items()}
+    file_writer = writer._get_file_writer()
+    for summary in hparams(values, {}):
+        file_writer.add_summary(summary)

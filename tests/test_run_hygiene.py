@@ -1,0 +1,110 @@
+"""What a user sees and trusts: levelled logs kept in train.log, no library noise, a run that stops on NaN instead of
+saving it, TensorBoard showing each step once after a kill, and flag mistakes caught at parse time."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+
+import pytest
+from conftest import PYTHON, REPO, TINY_LM, TRAIN, Run, checkpoint_steps, final_weights, train_records
+
+from resumable.config import parse_config
+from resumable.errors import UserError
+
+
+def test_every_log_line_has_a_level_and_train_log_keeps_them_across_runs(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    first = Run([*TINY_LM, "--max_steps", "4", "--checkpointing_steps", "2"], out, cache_dir).run_expecting(0)
+    lines = [line for line in first.stderr.splitlines() if " INFO " in line or " WARNING " in line]
+    assert any("Data: 36 training" in line for line in lines), first.stderr
+    assert any("parameters" in line and "steps in total" in line for line in lines), first.stderr
+    # a corrupted newest checkpoint is skipped with a WARNING; the rerun asks for more steps so it resumes
+    newest = sorted((out / "checkpoints").glob("step-*"))[-1]
+    (newest / "progress.json").write_text("{}")
+    second = Run([*TINY_LM, "--max_steps", "6", "--checkpointing_steps", "2"], out, cache_dir).run_expecting(0)
+    assert any(" WARNING " in line and "skipping checkpoint" in line for line in second.stderr.splitlines())
+    log = (out / "train.log").read_text().splitlines()
+    assert sum("fresh start" in line for line in log) == 1 and any("skipping checkpoint" in line for line in log)
+    assert all(line.split(" ")[2] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in log), log
+
+
+def test_library_noise_a_user_cannot_act_on_is_silenced(tmp_path, cache_dir):
+    result = Run([*TINY_LM, "--max_steps", "4", "--checkpointing_steps", "2"], tmp_path, cache_dir).run_expecting(0)
+    for noise in ("Removed shared tensor", "loss_type=None", "Writing model shards"):
+        assert noise not in result.stderr, result.stderr
+
+
+def test_a_nan_loss_stops_before_the_update_and_saves_nothing_after_it(tmp_path, cache_dir):
+    run = Run([*TINY_LM, "--checkpointing_steps", "2"], tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:5"})
+    result = run.run_expecting(3)
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "step 5" in errors[0] and "step-00000004" in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert checkpoint_steps(tmp_path) == [2, 4]
+    assert json.loads((tmp_path / "run_status.json").read_text())["status"] == "diverged"
+
+
+def test_skip_step_skips_the_poisoned_update_counts_it_and_finishes_finite(tmp_path, cache_dir):
+    args = [*TINY_LM, "--nan_policy", "skip_step", "--max_steps", "8"]
+    result = Run(args, tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:3"}).run_expecting(0)
+    assert any(" WARNING " in line and "step 3" in line and "skipped" in line for line in result.stderr.splitlines())
+    losses = {r["step"]: r["train/loss"] for r in train_records(tmp_path) if "train/loss" in r}
+    assert math.isnan(losses[3]) and all(math.isfinite(v) for s, v in losses.items() if s != 3)
+    assert all(t.isfinite().all() for t in final_weights(tmp_path).values())
+    progress = json.loads((tmp_path / "checkpoints" / "step-00000008" / "progress.json").read_text())
+    assert progress["skipped_steps"] == 1 and progress["nonfinite_in_a_row"] == 0
+
+
+def test_skip_step_gives_up_after_too_many_in_a_row(tmp_path, cache_dir):
+    args = [*TINY_LM, "--nan_policy", "skip_step", "--max_nan_skips", "0"]
+    result = Run(args, tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:2"}).run_expecting(3)
+    assert "--max_nan_skips 0" in result.stderr
+
+
+def tensorboard_steps(out) -> tuple[list[int], int]:
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(out / "runs"))
+    mux.Reload()
+    runs = [name for name in mux.Runs() if "train/loss" in mux.Runs()[name].get("scalars", [])]
+    steps = [event.step for run in runs for event in mux.Scalars(run, "train/loss")]
+    return steps, len(mux.Runs())
+
+
+def test_tensorboard_shows_each_step_once_and_one_run_after_a_kill(tmp_path, cache_dir):
+    args = [*TINY_LM, "--report_to", "tensorboard", "--logging_steps", "1", "--checkpointing_steps", "4"]
+    run = Run(args, tmp_path, cache_dir)
+    run.kill_at_step(7)
+    Run(args, tmp_path, cache_dir).run_expecting(0)
+    steps, runs = tensorboard_steps(tmp_path)
+    assert sorted(steps) == list(range(1, 28)), steps
+    assert runs == 1
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--lr_scheduler_type", "foo"], "--lr_scheduler_type"),
+        (["--lr_scheduler_type", "reduce_lr_on_plateau"], "--lr_scheduler_type"),
+        (["--nan_policy", "never"], "--nan_policy"),
+        (["--log_level", "loud"], "--log_level"),
+    ],
+)
+def test_flag_values_that_cannot_work_fail_at_parse_time_in_one_line(tmp_path, flags, named):
+    result = subprocess.run(
+        [PYTHON, TRAIN, "--output_dir", str(tmp_path / "o"), *flags], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_and_all_takes_what_is_there(monkeypatch, tmp_path):
+    import resumable.trackers as trackers
+
+    monkeypatch.setattr(trackers, "is_installed", lambda name: name == "tensorboard")
+    with pytest.raises(UserError, match=r"--report_to wandb: wandb is not installed \(pip install -e '\.\[wandb\]'\)"):
+        parse_config(["--output_dir", str(tmp_path), "--report_to", "wandb"])
+    assert trackers.choose_trackers("all") == ["tensorboard"]
+    assert "wandb not installed" in trackers.describe("all", ["tensorboard"])
