@@ -84,3 +84,12 @@ def test_notebook_stops_early_then_resumes_on_rerun(tmp_path, cache_dir, venv_ke
     assert steps[-1] == 27, steps
     assert_all_checkpoints_valid(second["verify"], steps)
     assert '"step": 27' in second["results"] and "<image/png>" in second["results"]  # metrics and loss curve
+
+
+def test_the_notebook_names_the_one_line_to_edit_and_clones_no_placeholder():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    text = "\n".join(cell.source for cell in nb.cells)
+    assert "YOUR-USER" not in text and "Nothing to edit." not in text
+    assert "Set `REPO_URL`" in nb.cells[0].source
+    setup = next(cell.source for cell in nb.cells if cell.get("id") == "setup")
+    assert setup.index("if not REPO_URL:") < setup.index('"git", "clone"')
