@@ -6,20 +6,22 @@
     python scripts/checkpoints.py prune outputs/tiny_lm --keep 2     # dry run; add --yes to delete
     python scripts/checkpoints.py export outputs/tiny_lm/checkpoints/step-00000100 --to exported/
 
-Exit codes: 0 fine, 1 a checkpoint is corrupted or unloadable, 2 bad input (one line on stderr).
+Exit codes: 0 fine; 1 a checkpoint it reads is corrupted, unloadable or of a newer format (`list`, `verify`,
+`inspect`, `export`; `prune` leaves such checkpoints alone and exits 0); 2 bad input (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
-from resumable.checkpoint import list_checkpoints, read_manifest, verify_checkpoint
-from resumable.checkpoint_tools import human
+from resumable.checkpoint import list_checkpoints, newer_format, read_manifest, verify_checkpoint
+from resumable.checkpoint_tools import UNUSABLE_EXIT_CODE, human, refuse_newer_format
 from resumable.errors import UserError, exit_on_user_error
 from resumable.export import COMPLETE
 from resumable.remote import is_remote
@@ -106,7 +108,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name in leftovers(checkpoints):
         print(f"leftover of an interrupted save or delete: {name}")
     print(run_state(run))
-    return 0
+    return UNUSABLE_EXIT_CODE if any(reasons.values()) else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -120,7 +122,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             print(f"{folder.name}  ok")
         else:
             bad += 1
-            print(f"{folder.name}  CORRUPT: {reason}")
+            print(f"{folder.name}  {'UNREADABLE' if newer_format(folder) else 'CORRUPT'}: {reason}")
     if checkpoints in MIRRORS:  # remote ones that did not verify were never downloaded
         for name, reason in sorted(REMOTE_INVALID.items()):
             bad += 1
@@ -133,13 +135,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print(f"{len(folders)} checkpoint(s), {bad} invalid; {what} {human(checked)} in {seconds:.2f} s{rate}")
     for name in leftovers(checkpoints):
         print(f"leftover of an interrupted save or delete (ignored): {name}")
-    return 1 if bad else 0
+    return UNUSABLE_EXIT_CODE if bad else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from resumable.checkpoint_tools import SUMMARIES
 
     folder = open_checkpoint(args.path)
+    refuse_newer_format(folder)  # its files may not mean what this version's summaries assume
     reason = verify_checkpoint(folder, deep=True)
     print(f"checkpoint {folder}: {'valid' if reason is None else 'INVALID: ' + reason}")
     failed = reason is not None
@@ -155,7 +158,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in SUMMARIES)
     if others:
         print(f"\nother files (not opened): {', '.join(others)}")
-    return 1 if failed else 0
+    return UNUSABLE_EXIT_CODE if failed else 0
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -286,5 +289,17 @@ def main(argv: list[str] | None = None) -> int:
     return args.func(args)
 
 
+def run_cli() -> int:
+    """main(), ended quietly when the reader of stdout goes away (`inspect ... | head -1`), as Unix tools are."""
+    try:
+        code = main()
+        sys.stdout.flush()  # a closed pipe shows up here for output still buffered
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at /dev/null first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13  # what a shell reports for a process ended by SIGPIPE
+    return code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli())

@@ -181,8 +181,10 @@ def test_signal_before_the_training_listens_is_held_until_it_does(tmp_path, cach
         status = read_status(out)  # written: the training process lived to checkpoint, so USR1 was not fatal
         assert status["status"] == "requeue" and "SIGUSR1" in status["reason"]
         assert status["step"] in checkpoint_steps(out)
-        verdicts = re.findall(r"^=== (?:SUCCESS|FAILURE|REQUEUED).*", log, flags=re.M)
-        assert len(verdicts) == 1 and verdicts[0].startswith("=== FAILURE") and "not a Slurm job" in verdicts[0]
+        verdicts = re.findall(r"^=== (?:SUCCESS|FAILURE|REQUEUED|STOPPED).*", log, flags=re.M)
+        assert len(verdicts) == 1, verdicts
+        assert verdicts[0].startswith("=== STOPPED: checkpointed (requeue at step ") and "SIGUSR1" in verdicts[0]
+        assert verdicts[0].endswith("not a Slurm job: run it again to continue")
     except BaseException:
         print(job_log.read_text())
         raise

@@ -78,7 +78,8 @@ finish() {
   job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
   job=${job:-${SLURM_JOB_ID:-}}
   if [[ -z $job ]]; then
-    echo "=== FAILURE: $status, but this is not a Slurm job: run it again to continue"
+    # A checkpointed stop is not a failure: outside Slurm nothing requeues it, so the person must re-run it.
+    echo "=== STOPPED: checkpointed ($status); not a Slurm job: run it again to continue"
     exit 75
   fi
   if ! command -v scontrol >/dev/null; then

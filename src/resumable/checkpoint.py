@@ -1,33 +1,47 @@
-"""The checkpoint store: atomic commits, checksummed manifests, discovery of the newest valid checkpoint.
+"""The checkpoint store: saving and loading the training state, discovery of the newest valid checkpoint.
 
 Layout: `{output_dir}/checkpoints/step-00000100/` holds what `accelerator.save_state` writes (model.safetensors,
 optimizer.bin, scheduler.bin, random_states_{rank}.pkl, ...), our `progress.json`, and `manifest.json`, written
-last. A folder counts only if its manifest exists and every file it lists has the recorded size and sha256.
-Commit: every rank writes into `.tmp-step-.../`; after a barrier the main process fsyncs the files, writes the
-manifest and renames the folder into place. No symlinks (Drive, NFS and Lustre handle them badly).
+last (resumable/manifest.py: format version, sizes and sha256, verification). Commit: every rank writes into
+`.tmp-step-.../`; after a barrier the main process fsyncs the files, writes the manifest and renames the folder
+into place. No symlinks (Drive, NFS and Lustre handle them badly). A full disk during a save removes the
+temporary folder and stops the run with one line (EnvironmentFailure); the previous checkpoints are untouched.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
-import logging
-import os
 import shutil
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 
+from resumable.disk import disk_full_failure, folder_bytes, is_disk_full
 from resumable.errors import UserError
-from resumable.preemption import inject_fault
+from resumable.logs import get_logger
+from resumable.manifest import (  # noqa: F401 (re-exported: the store's public names stay importable from here)
+    FORMAT,
+    MANIFEST,
+    PROGRESS,
+    _hash_files,
+    _sha256,
+    _write_json,
+    amend_checkpoint,
+    commit_checkpoint,
+    format_problem,
+    fsync_files,
+    manifest_digest,
+    newer_format,
+    read_manifest,
+    swap_in,
+    verify_checkpoint,
+)
 
-log = logging.getLogger("resumable")
-MANIFEST, PROGRESS = "manifest.json", "progress.json"
-FORMAT = 1
+log = get_logger(__name__)
 
 
 @dataclass
@@ -52,137 +66,75 @@ class Progress:
     data_fingerprint: dict | None = None  # the training data this position is a position in (data.py)
     total_steps: int = 0  # the step the run was planned to end at when saved: the LR schedule's length
     replanned: bool = False  # the layout changed at some resume: the total counts steps done + steps left
+    skipped_steps: int = 0  # updates skipped for a non-finite loss or gradient norm (--nan_policy skip_step)
+    nonfinite_in_a_row: int = 0  # of those, how many in a row up to `step`
 
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _hash_files(folder: Path) -> dict[str, dict]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
-        digests = list(pool.map(_sha256, files))
-    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
-
-
-def manifest_digest(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def save_checkpoint(
     accelerator: Accelerator, checkpoints_dir: Path, progress: Progress, extra: dict | None = None
 ) -> Path:
-    """Commit the full training state at `progress.step`; every process must call this. Returns the folder."""
+    """Commit the full training state at `progress.step`; every process must call this. Returns the folder.
+
+    A full disk removes the temporary folder and raises EnvironmentFailure (exit 74) naming the checkpoint that
+    is still intact; nothing committed before is touched.
+    """
     final = checkpoints_dir / step_name(progress.step)
     tmp = checkpoints_dir / f".tmp-{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _write_json(tmp / PROGRESS, asdict(progress))
-        fields = {
-            "epoch": progress.epoch,
-            "epochs_done": progress.epoch if progress.batches_in_epoch == 0 and progress.step else None,
-            "samples_seen": progress.samples_seen,
-            "world_size": accelerator.num_processes,
-            "per_device_train_batch_size": progress.per_device_train_batch_size,
-            "gradient_accumulation_steps": progress.gradient_accumulation_steps,
-            "metrics": progress.last_eval,
-            "metrics_step": progress.last_eval_step,
-            "versions": {"torch": torch.__version__, **_lib_versions()},
-            **(extra or {}),
-        }
-        if "settings" in fields:  # one value to compare, beside the readable dict the error message lists
-            fields["settings_sha256"] = hashlib.sha256(
-                json.dumps(fields["settings"], sort_keys=True).encode()
-            ).hexdigest()
-        commit_checkpoint(tmp, final, progress.step, fields)
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _write_json(tmp / PROGRESS, asdict(progress))
+            commit_checkpoint(tmp, final, progress.step, _manifest_fields(accelerator, progress, extra))
+    except Exception as err:
+        if not is_disk_full(err):
+            raise
+        full = True
+    else:
+        full = False
+    if full:  # outside the except block: the failed writer's open file (which holds its blocks) can be collected
+        gc.collect()
+        raise _disk_full(checkpoints_dir, tmp, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def commit_checkpoint(tmp: Path, final: Path, step: int, fields: dict) -> None:
-    """Make the files in `tmp` checkpoint `final`: fsync, manifest (sizes, sha256) written last, atomic rename."""
-    fsync_files(tmp)  # other ranks' files too: one fsync pass on the node that commits
-    inject_fault("kill_before_manifest", step)
-    inject_fault("sigterm_during_save", step)
-    manifest = {"format": FORMAT, "step": step, "created": time.time(), **fields, "files": _hash_files(tmp)}
-    manifest["manifest_sha256"] = manifest_digest(manifest)
-    _write_json(tmp / MANIFEST, manifest)
-    _fsync_dir(tmp)
-    swap_in(tmp, final)
+def _manifest_fields(accelerator: Accelerator, progress: Progress, extra: dict | None) -> dict:
+    fields = {
+        "epoch": progress.epoch,
+        "epochs_done": progress.epoch if progress.batches_in_epoch == 0 and progress.step else None,
+        "samples_seen": progress.samples_seen,
+        "world_size": accelerator.num_processes,
+        "per_device_train_batch_size": progress.per_device_train_batch_size,
+        "gradient_accumulation_steps": progress.gradient_accumulation_steps,
+        "metrics": progress.last_eval,
+        "metrics_step": progress.last_eval_step,
+        "versions": {"torch": torch.__version__, **_lib_versions()},
+        **(extra or {}),
+    }
+    if "settings" in fields:  # one value to compare, beside the readable dict the error message lists
+        fields["settings_sha256"] = hashlib.sha256(json.dumps(fields["settings"], sort_keys=True).encode()).hexdigest()
+    return fields
 
 
-def amend_checkpoint(folder: Path, progress: Progress) -> None:
-    """Record new progress in a committed checkpoint, e.g. the result of an evaluation re-run after a resume.
-
-    The state files are hard-linked (copied where the filesystem has no links) into a temporary folder beside a new
-    progress.json; the manifest keeps their verified sizes and hashes, and the folder is swapped in as at a commit.
-    Main process only. The training state itself is unchanged: evaluation draws no randomness.
-    """
-    manifest = read_manifest(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name in manifest["files"]:
-        if name != PROGRESS:
-            try:
-                os.link(folder / name, tmp / name)
-            except OSError:
-                shutil.copy2(folder / name, tmp / name)
-    _write_json(tmp / PROGRESS, asdict(progress))
-    progress_file = {"size": (tmp / PROGRESS).stat().st_size, "sha256": _sha256(tmp / PROGRESS)}
-    files = {**manifest["files"], PROGRESS: progress_file}
-    fields = {k: v for k, v in manifest.items() if k not in ("files", "manifest_sha256", "created")}
-    fields.update(metrics=progress.last_eval, metrics_step=progress.last_eval_step, amended=time.time())
-    new = {**fields, "created": manifest.get("created"), "files": files}
-    new["manifest_sha256"] = manifest_digest(new)
-    _write_json(tmp / MANIFEST, new)
-    _fsync_dir(tmp)
-    swap_in(tmp, folder)
-
-
-def fsync_files(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
-def swap_in(tmp: Path, final: Path) -> None:
-    """Rename `tmp` to `final`, replacing an existing `final` without a moment with no copy; fsync the parent."""
-    if final.exists():
-        trash = final.with_name(f".trash-{final.name}")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(final.parent)
+def _disk_full(checkpoints_dir: Path, tmp: Path, final: Path):
+    """Clean up after a save the disk could not hold; the error to raise says what is safe and what it needs."""
+    written = folder_bytes(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)  # a half save must not keep the space a retry needs
+    intact = next(
+        (f for f in reversed(list_checkpoints(checkpoints_dir)) if verify_checkpoint(f, deep=False) is None), None
+    )
+    needed = max(written, folder_bytes(intact) if intact else 0)
+    note = f"the previous checkpoint {intact.name} is intact" if intact else "no checkpoint was saved before this one"
+    return disk_full_failure(f"saving checkpoint {final.name} to {checkpoints_dir}", checkpoints_dir, needed, note)
 
 
 def _lib_versions() -> dict[str, str]:
@@ -193,36 +145,6 @@ def _lib_versions() -> dict[str, str]:
 
 
 # --- discovery and verification
-
-
-def read_manifest(folder: Path) -> dict:
-    return json.loads((folder / MANIFEST).read_text())
-
-
-def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
-    """None if `folder` is a complete, intact checkpoint; else the reason it is not (naming the file)."""
-    try:
-        manifest = read_manifest(folder)
-    except FileNotFoundError:
-        return f"{MANIFEST} missing (incomplete save)"
-    except (OSError, ValueError) as err:
-        return f"{MANIFEST} unreadable ({err})"
-    if not isinstance(manifest, dict) or manifest.get("manifest_sha256") != manifest_digest(manifest):
-        return f"{MANIFEST} checksum mismatch (corrupted)"
-    files = manifest.get("files", {})
-    if PROGRESS not in files:
-        return f"{MANIFEST} lists no {PROGRESS}"
-    for name, meta in files.items():
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
-            return f"{MANIFEST} names a path outside its folder: {name!r}"
-        path = folder / name
-        if not path.is_file():
-            return f"{name} missing"
-        if path.stat().st_size != meta["size"]:
-            return f"{name} has {path.stat().st_size} bytes, manifest says {meta['size']}"
-        if deep and _sha256(path) != meta["sha256"]:
-            return f"{name} sha256 mismatch (corrupted)"
-    return None
 
 
 def list_checkpoints(checkpoints_dir: Path) -> list[Path]:
@@ -236,6 +158,7 @@ def find_latest_checkpoint(checkpoints_dir: Path, deep: bool = True) -> Path | N
     """The newest checkpoint that verifies; WARNING for each newer one skipped. Raise if none of several is valid."""
     candidates = list_checkpoints(checkpoints_dir)
     for folder in reversed(candidates):
+        refuse_newer_format(folder)  # never skipped for an older one: that would silently undo the newer run's work
         reason = verify_checkpoint(folder, deep=deep)
         if reason is None:
             return folder
@@ -246,6 +169,13 @@ def find_latest_checkpoint(checkpoints_dir: Path, deep: bool = True) -> Path | N
             "pass --resume_from_checkpoint none to start over (nothing will be deleted)"
         )
     return None
+
+
+def refuse_newer_format(folder: Path) -> None:
+    """Raise if `folder` is an intact checkpoint of a format newer than this version reads."""
+    problem = newer_format(folder)
+    if problem is not None:
+        raise UserError(f"{folder}: {problem}, or resume it with the version that wrote it")
 
 
 def read_progress(folder: Path) -> Progress:
@@ -279,6 +209,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
     Elastic: a checkpoint from another number of processes loads too (model and optimizer state are the same on
     every DDP rank). A rank with no saved RNG gets a seed derived from (seed, step, rank), logged.
     """
+    refuse_newer_format(folder)
     progress = read_progress(folder)
     rank = accelerator.process_index
     try:  # accelerate loads with weights_only=True: a planted pickle payload is refused, not executed

@@ -18,13 +18,28 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from resumable.checkpoint import MANIFEST, PROGRESS, read_manifest, verify_checkpoint
+from resumable.checkpoint import MANIFEST, PROGRESS, newer_format, read_manifest, verify_checkpoint
 from resumable.errors import UserError
 
 if TYPE_CHECKING:  # config pulls in transformers: not needed to list or verify
     from resumable.config import TrainConfig
 
 WEIGHTS, OPTIMIZER, SCHEDULER = "model.safetensors", "optimizer.bin", "scheduler.bin"
+UNUSABLE_EXIT_CODE = 1  # checkpoints.py: 1 = a checkpoint is corrupted or unloadable (2 stays "bad input")
+
+
+class CheckpointUnusable(UserError):
+    """The checkpoint itself is the problem (corrupted, unloadable, a newer format): one line, exit 1."""
+
+    exit_code = UNUSABLE_EXIT_CODE
+
+
+def refuse_newer_format(folder: Path) -> None:
+    problem = newer_format(folder)
+    if problem is not None:
+        raise CheckpointUnusable(f"{folder}: {problem}")
+
+
 DATA_SETTINGS = ("train_file", "validation_file")  # validated on parse, yet irrelevant to the model config
 
 
@@ -227,12 +242,14 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False
-        raise UserError(f"{path}: does not fit the rebuilt model ({str(err).splitlines()[-1].strip()})") from None
+        raise CheckpointUnusable(
+            f"{path}: does not fit the rebuilt model ({str(err).splitlines()[-1].strip()})"
+        ) from None
     own = model.state_dict()  # tied weights appear under both names, sharing storage
     loaded = {t.data_ptr() for name, t in own.items() if name in weights}
     missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded]
     if missing or result.unexpected_keys:
-        raise UserError(
+        raise CheckpointUnusable(
             f"{path}: does not match the rebuilt model (missing: {', '.join(missing[:5]) or '-'}; "
             f"unexpected: {', '.join(result.unexpected_keys[:5]) or '-'})"
         )
@@ -255,9 +272,10 @@ def export_checkpoint(
     from resumable.export import save_pretrained_atomically
 
     check_export_target(target, checkpoint, force)
+    refuse_newer_format(checkpoint)
     reason = verify_checkpoint(checkpoint, deep=True)
     if reason is not None:
-        raise UserError(f"{checkpoint}: not a valid checkpoint ({reason})")
+        raise CheckpointUnusable(f"{checkpoint}: not a valid checkpoint ({reason})")
     settings = read_manifest(checkpoint).get("settings") or {}
     tokenizer = find_tokenizer(checkpoint, settings, tokenizer_dir, cache_dir)
     model = rebuild_model(checkpoint, tokenizer, settings, cache_dir)

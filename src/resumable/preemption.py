@@ -76,8 +76,10 @@ class StopRequest:
         if self.reason is None:
             self.reason = f"received {name}"
             self.signal_time = time.monotonic()
+            # print, not logging: a handler may interrupt code that holds the logging module's locks
+            now = time.strftime("%Y-%m-%d %H:%M:%S")
             print(
-                f"[resumable] {name} received: will checkpoint and stop at the end of this step",
+                f"{now} WARNING {name} received: will checkpoint and stop at the end of this step",
                 file=sys.stderr,
                 flush=True,
             )
@@ -148,16 +150,21 @@ def main(argv: list[str] | None = None) -> int:
     0 = finished, 75 = checkpointed and needs another run, 1 = no status (the run crashed before writing one).
     With --attempt, a status written by another attempt (a stale file from an earlier job) counts as none.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    attempt = None
-    if len(argv) == 3 and argv[1] == "--attempt":
-        attempt, argv = argv[2], argv[:1]
-    if len(argv) != 1:
-        print("usage: python -m resumable.preemption OUTPUT_DIR [--attempt ID]", file=sys.stderr)
-        return 2
-    path = f"{argv[0].rstrip('/')}/{RUN_STATUS_FILE}"
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m resumable.preemption",
+        description="Print how the run in OUTPUT_DIR last ended (its run_status.json) and exit with that code.",
+        epilog="exit codes: 0 finished; 75 checkpointed, run the same command again; 1 no status (the run crashed "
+        "or never started, or the status is another attempt's); 2 bad usage",
+    )
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR", help="the run's --output_dir (local or s3://...)")
+    parser.add_argument("--attempt", metavar="ID", help="trust only a status written under RESUMABLE_ATTEMPT=ID")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    attempt = args.attempt
+    path = f"{args.output_dir.rstrip('/')}/{RUN_STATUS_FILE}"
     try:
-        if "://" in argv[0]:  # a remote output dir (s3://...): train.py pushes run_status.json there
+        if "://" in args.output_dir:  # a remote output dir (s3://...): train.py pushes run_status.json there
             import fsspec
 
             with fsspec.open(path, "r") as fh:
