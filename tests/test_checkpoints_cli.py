@@ -213,3 +213,60 @@ def test_list_and_prune_follow_the_retention_the_run_recorded(tmp_path, cache_di
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (9, 18, 27)]
     ok(cli("prune", out, "--keep", "1", "--keep_epoch_every", "0", "--yes"))  # a flag given overrides the record
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000027"]
+
+
+# --- exit codes: 1 = a checkpoint is corrupted or unloadable (README), on the committed format-1 checkpoint
+
+
+@pytest.fixture
+def damaged(tmp_path) -> Path:
+    """The committed fixture's run, its only checkpoint with one flipped bit in optimizer.bin (sizes still match)."""
+    from checkpoint_fixture import STEP, copy_fixture_run
+
+    out = copy_fixture_run(tmp_path / "run")
+    flip_byte(out / "checkpoints" / STEP / "optimizer.bin")
+    return out
+
+
+@pytest.mark.parametrize("command", ["list --deep", "verify", "inspect", "export"])
+def test_a_corrupted_checkpoint_exits_1_from_every_command_that_reads_it(damaged, tmp_path, command):
+    folder = damaged / "checkpoints" / "step-00000003"
+    args = {"inspect": [folder], "export": [folder, "--to", tmp_path / "x"]}.get(command, [damaged])
+    result = cli(*command.split(), *args)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "optimizer.bin sha256 mismatch" in result.stdout + result.stderr and "Traceback" not in result.stderr
+    if command == "export":
+        assert result.stderr == f"error: {folder}: not a valid checkpoint (optimizer.bin sha256 mismatch (corrupted))\n"
+        assert not (tmp_path / "x").exists()
+
+
+def test_list_exits_1_when_its_size_check_finds_a_damaged_checkpoint(damaged):
+    assert ok(cli("list", damaged)).returncode == 0  # a flipped bit keeps the size: only --deep sees it
+    path = damaged / "checkpoints" / "step-00000003" / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-10])
+    result = cli("list", damaged)
+    assert result.returncode == 1 and "model.safetensors has" in row(result.stdout, "step-00000003")
+
+
+def test_prune_leaves_a_corrupted_checkpoint_alone_and_exits_0(damaged):
+    result = ok(cli("prune", damaged, "--keep", "1"))
+    assert "sha256 mismatch" in row(result.stdout, "leave   step-00000003")
+
+
+def test_inspect_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`inspect ... | head -1`: the reader goes away; no BrokenPipeError traceback, the exit status of SIGPIPE."""
+    from checkpoint_fixture import FIXTURE, STEP
+
+    cmd = [PYTHON, SCRIPT, "inspect", str(FIXTURE / "run" / "checkpoints" / STEP)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before it writes anything: its first print meets a closed pipe
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and stderr == ""
+
+
+def test_the_run_status_reader_prints_usage_for_help_and_exits_0():
+    result = subprocess.run([PYTHON, "-m", "resumable.preemption", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m resumable.preemption")
+    assert "OUTPUT_DIR" in result.stdout and "75" in result.stdout and result.stderr == ""
+    result = subprocess.run([PYTHON, "-m", "resumable.preemption"], capture_output=True, text=True)
+    assert result.returncode == 2 and "OUTPUT_DIR" in result.stderr

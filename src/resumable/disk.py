@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -41,8 +42,11 @@ def is_disk_full(err: BaseException) -> bool:
     return False
 
 
-def megabytes(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
+def size_text(n: float) -> str:
+    """A byte count for a one-line message: 134 kB, 12.3 MB, 1.5 GB."""
+    if n < 1e6:
+        return f"{n / 1e3:.0f} kB"
+    return f"{n / 1e6:.1f} MB" if n < 1e9 else f"{n / 1e9:.1f} GB"
 
 
 def free_bytes(path: Path) -> int | None:
@@ -68,14 +72,30 @@ def disk_full_failure(action: str, where: Path, needed: int | None = None, note:
     """The one line for a full disk while `action`: what it needs, what is free, what is still safe, what to do."""
     free = free_bytes(where)
     sizes = [
-        f"needs about {megabytes(needed)}" if needed else "",
-        f"{megabytes(free)} free" if free is not None else "",
+        f"needs about {size_text(needed)}" if needed else "",
+        f"{size_text(free)} free" if free is not None else "",
     ]
     detail = "; ".join(x for x in (", ".join(s for s in sizes if s), note) if x)
     return EnvironmentFailure(
         f"no space left on device while {action}{f' ({detail})' if detail else ''}: "
         "free space and run the same command to resume"
     )
+
+
+_output_dir: Path | None = None  # recorded by check_output_dir_writable: where a full disk is reported
+
+
+def _file_written(err: BaseException) -> str | None:
+    """The file a failed write was writing: the error's own filename, else an open file in the failing frames."""
+    if getattr(err, "filename", None):
+        return str(err.filename)
+    tb, found = err.__traceback__, None
+    while tb is not None:  # innermost wins: the writer closest to the failure
+        for value in tb.tb_frame.f_locals.values():
+            if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                found = value.name
+        tb = tb.tb_next
+    return found
 
 
 def disk_full_exits(main: Callable[..., T]) -> Callable[..., T]:
@@ -91,10 +111,9 @@ def disk_full_exits(main: Callable[..., T]) -> Callable[..., T]:
         except Exception as err:
             if not is_disk_full(err):
                 raise
-            name = getattr(err, "filename", None)
-            raise disk_full_failure(
-                f"writing {name}" if name else "writing the run's files", Path(name or ".")
-            ) from None
+            name = _file_written(err)
+            what = f"writing {name}" if name else f"writing to {_output_dir or 'the output dir'}"
+            raise disk_full_failure(what, Path(name or _output_dir or ".")) from None
 
     return wrapper
 
@@ -103,7 +122,8 @@ def check_output_dir_writable(path: Path) -> None:
     """Fail at start, in one line, if the output dir (or, before it exists, the folder it will be made in) cannot be
     written: a read-only mount, missing permissions, an immutable folder. Probes with a real file, because
     `os.access` says yes to root on most of these."""
-    path = Path(path)
+    global _output_dir
+    path = _output_dir = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path}: exists and is not a directory")
     probe_dir = next((p for p in (path, *path.parents) if p.exists()), None)
