@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: train train-ddp test test-quick lint format docs bench clean
+.PHONY: train train-ddp preflight test test-quick lint format docs bench clean
 
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ train: $(STAMP)  ## the main job: tiny GPT-2 on the stdlib corpus; re-run to res
 
 train-ddp: $(STAMP)  ## the same job on 2 CPU processes (DDP over gloo)
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
+
+preflight: $(STAMP)  ## will `make train ARGS=...` work here? one OK/WARN/FAIL line per check; exit 1 on a blocker
+	$(BIN)/python scripts/preflight.py --config configs/tiny_lm.yaml $(ARGS)
 
 test: $(STAMP)  ## the whole suite (slow multi-process and chaos tests included)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
