@@ -19,6 +19,7 @@ import warnings
 from pathlib import Path
 
 TEST_DIRS = {"test", "tests", "idle_test"}
+CLS_LABEL_NAMES = ("library code", "test code")  # what the classification corpus's labels 0 and 1 mean
 
 
 def stdlib_root() -> Path:

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedToken
 
 from resumable.config import TrainConfig, cache_root
 from resumable.corpus import build_cls_corpus, build_lm_corpus
+from resumable.data_checks import clean_split, diagnose_load_failure
 from resumable.errors import UserError
 
 datasets.disable_progress_bars()
@@ -28,14 +29,17 @@ EOS, PAD, CLS = "<|endoftext|>", "<pad>", "<cls>"
 
 
 def load_raw_datasets(cfg: TrainConfig) -> datasets.DatasetDict:
-    """train and validation splits with `cfg.text_column` (and `cfg.label_column` for classification)."""
+    """train and validation splits with `cfg.text_column` (and `cfg.label_column` for classification).
+
+    Rows without text are dropped with a WARNING; labels come out as class ids (string labels mapped in sorted
+    order, see `data_checks.label_names`); every other problem is one UserError naming the file (data_checks.py).
+    """
     cache = cache_root(cfg)
     hf_cache = str(cache / "datasets")
     pct = cfg.validation_split_percentage
+    builder = None
     if cfg.dataset_name:
         raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=hf_cache)
-        if "validation" not in raw:
-            raw = _hold_out(raw["train"], pct, cfg.seed)
         sources = {"train": f"--dataset_name {cfg.dataset_name}", "validation": f"--dataset_name {cfg.dataset_name}"}
     else:
         if cfg.train_file:
@@ -51,33 +55,35 @@ def load_raw_datasets(cfg: TrainConfig) -> datasets.DatasetDict:
             files = {k: str(v) for k, v in build(cache, pct).items()}
             sources = {k: f"embedded corpus {v}" for k, v in files.items()}
         builder = BUILDERS[Path(files["train"]).suffix]
+        if "validation" in files and BUILDERS[Path(files["validation"]).suffix] != builder:
+            raise UserError(
+                f"{sources['train']} and {sources['validation']}: different formats "
+                f"({Path(files['train']).suffix} and {Path(files['validation']).suffix}); use one format for both"
+            )
         try:
             raw = datasets.load_dataset(builder, data_files=files, cache_dir=hf_cache)
-        except Exception as err:  # parse errors from pyarrow/pandas are user errors about the file
-            raise UserError(
-                f"{sources['train']}: could not be read as {builder} ({str(err).splitlines()[0]})"
-            ) from None
-        if "validation" not in raw:
-            raw = _hold_out(raw["train"], pct, cfg.seed)
-            sources["validation"] = sources["train"] + f" (held-out {pct}%)"
-    for split in ("train", "validation"):
-        _check_columns(cfg, raw[split], sources[split])
-    return raw
+        except Exception as err:  # parse errors from pyarrow/pandas are user errors about a file: find which
+            raise diagnose_load_failure(builder, files, sources, err, hf_cache) from None
+    if "train" not in raw:
+        raise UserError(f"{sources['train']}: no 'train' split (splits: {', '.join(raw)})")
+    keep_blank = builder == "text"  # a blank line of a .txt file is a paragraph break, not a missing cell
+    train = clean_split(cfg, raw["train"], sources["train"], keep_blank)
+    if "validation" in raw:
+        names = getattr(train.features.get(cfg.label_column), "names", None)
+        val = clean_split(cfg, raw["validation"], sources["validation"], keep_blank, names)
+        return datasets.DatasetDict(train=train, validation=val)
+    return _hold_out(train, pct, cfg.seed, sources["train"])
 
 
-def _hold_out(train: datasets.Dataset, pct: int, seed: int) -> datasets.DatasetDict:
-    parts = train.train_test_split(test_size=pct / 100, seed=seed)
+def _hold_out(train: datasets.Dataset, pct: int, seed: int, source: str) -> datasets.DatasetDict:
+    try:
+        parts = train.train_test_split(test_size=pct / 100, seed=seed)
+    except ValueError:  # too few rows to split
+        raise UserError(
+            f"{source}: {len(train)} example(s) are too few to hold out {pct}% for validation "
+            "(add rows, or pass a --validation_file)"
+        ) from None
     return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
-
-
-def _check_columns(cfg: TrainConfig, ds: datasets.Dataset, source: str) -> None:
-    if len(ds) == 0:
-        raise UserError(f"{source}: no examples")
-    need = [cfg.text_column] + ([cfg.label_column] if cfg.task == "sequence_classification" else [])
-    for col in need:
-        flag = "--text_column" if col == cfg.text_column else "--label_column"
-        if col not in ds.column_names:
-            raise UserError(f"{source}: no column {col!r} (set {flag}; columns: {', '.join(ds.column_names)})")
 
 
 # --- tokenizer
@@ -114,7 +120,8 @@ def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    tok.train_from_iterator((row[cfg.text_column] for row in train), trainer=trainer, length=len(train))
+    texts = (row[cfg.text_column] for row in train)
+    tok.train_from_iterator((t for t in texts if t), trainer=trainer, length=len(train))  # None: an empty cell
     if cfg.task == "sequence_classification":  # BERT-style pooling reads the first token
         tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
@@ -159,17 +166,11 @@ def tokenize_datasets(
             enc["labels"] = batch[labels]
             return enc
 
-        out = {}
-        for split, ds in raw.items():
-            dtype = ds.features[labels].dtype
-            if dtype == "string":  # e.g. "positive"/"negative" in a CSV
-                ds = ds.class_encode_column(labels)
-            elif dtype == "bool":  # e.g. CodeXGLUE defect detection's `target`
-                ds = ds.cast_column(labels, datasets.Value("int64"))
-            out[split] = ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
-            top = max(out[split]["labels"])
-            if top >= cfg.num_labels or min(out[split]["labels"]) < 0:
-                raise UserError(f"--num_labels {cfg.num_labels}: the {split} data has label {top}")
+        # labels are already class ids in range (checked and mapped by load_raw_datasets)
+        out = {
+            split: ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
+            for split, ds in raw.items()
+        }
     train, val = out["train"], out["validation"]
     if len(train) == 0:
         raise UserError(f"training data yields no {cfg.block_size}-token block (lower --block_size)")

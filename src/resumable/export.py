@@ -20,11 +20,25 @@ def save_pretrained_atomically(model, tokenizer, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     if tokenizer is not None:
+        fit_model_max_length(tokenizer, model.config)
         tokenizer.save_pretrained(tmp)
     if target.exists():
         os.replace(target, old)
     os.replace(tmp, target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def fit_model_max_length(tokenizer, config) -> None:
+    """Cap the tokenizer's `model_max_length` at what the model accepts, so `truncation=True` (pipelines) works.
+
+    A tokenizer trained here, and many on the hub, say 1e30 ("no limit"): `pipeline(..., truncation=True)` then
+    keeps a 5,000-word input whole and the model fails on its 128 positions. Lowered only, never raised.
+    """
+    from resumable.modeling import model_positions  # late: this module is imported before the heavy libraries
+
+    limit = model_positions(config)
+    if limit is not None and (tokenizer.model_max_length or float("inf")) > limit:
+        tokenizer.model_max_length = limit
 
 
 def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: dict, complete: dict) -> dict:
