@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.checkpoint import amend_checkpoint, read_progress, save_checkpoint, step_name
 from resumable.config import cache_root, parse_config, parse_duration
+from resumable.disk import check_output_dir_writable, disk_full_exits
 from resumable.errors import exit_on_user_error
 from resumable.export import finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
@@ -41,6 +43,7 @@ log = get_logger("resumable.train")
 
 
 @exit_on_user_error
+@disk_full_exits  # a full disk in any write (a log line, the final model) is one line naming the file, exit 74
 def main(argv: list[str] | None = None) -> int:
     # --- config
     cfg = parse_config(argv)
@@ -54,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg.output_dir = str(mirror.local_dir)
         pull_for_plan(cfg, mirror)  # every process calls it; a lock makes one of them download
     out = Path(cfg.output_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        check_output_dir_writable(out)  # a read-only or unwritable output dir: one line now, not after start-up
     plan = plan_resume(cfg)  # continue, branch, start over, extend or nothing to do; before import-heavy work
     if plan.complete:
         log.info(plan.complete)
@@ -73,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils.logging import disable_progress_bar
 
     from resumable.data import build_dataloaders, data_fingerprint, load_raw_datasets, load_tokenizer, tokenize_datasets
-    from resumable.divergence import NanGuard, measure_and_clip, poison, stop_diverged
+    from resumable.data_checks import label_names
+    from resumable.disk_space import require_disk
+    from resumable.divergence import NanGuard, measure_and_clip, poison, skip_update, stop_diverged
     from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
-    from resumable.modeling import build_model
+    from resumable.modeling import build_model, check_model_limits
     from resumable.restore import restore
 
     # --- accelerator
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("WANDB_DIR", str(out))  # keep wandb's files with the run, not in the cwd
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
-        log_with=trackers,
+        log_with=trackers or None,  # [] makes accelerate warn about nothing
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "runs")),
         # our loop steps the scheduler once per optimizer step (accelerate would step it once per process)
         step_scheduler_with_optimizer=False,
@@ -98,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{accelerator.mixed_precision}; {describe(cfg.report_to, trackers)}")  # fmt: skip
 
     # --- data (nothing in the output dir changes before the data and the model are known to be usable)
+    check_model_limits(cfg)  # the model's config only: an unknown or unreachable model fails before the data work
     set_seed(cfg.seed)
     with accelerator.main_process_first():  # rank 0 builds corpora, tokenizer and caches; the others reuse them
         raw = load_raw_datasets(cfg)
@@ -110,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- model, optimizer, scheduler
     set_seed(cfg.seed)  # model init must not depend on how much randomness data preparation used
-    model = build_model(cfg, tokenizer)
+    model = build_model(cfg, tokenizer, label_names(cfg, raw))  # id2label: what pipelines print
     decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
@@ -126,15 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     scheduler = accelerator.prepare(scheduler)
-    log.info(f"Model: {sum(p.numel() for p in model.parameters()):,} parameters; {batches_per_epoch} micro-batches "
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(f"Model: {n_params:,} parameters; {batches_per_epoch} micro-batches "
              f"of {bs} per process per epoch, global batch {world * bs * ga}, {total_steps} steps in total")  # fmt: skip
 
     # --- resume (the output dir is touched from here on)
     accelerator.wait_for_everyone()  # every process has planned before anything is moved
     if is_main:
+        require_disk(cfg, n_params, len(list(model.parameters())))  # room for the kept checkpoints, or exit 74
         out.mkdir(parents=True, exist_ok=True)
+        apply_plan(plan, out, mirror)  # a start-over moves the old train.log aside first
         log_to_file(out / "train.log")
-        apply_plan(plan, out, mirror)
         for line in plan.info:
             log.info(line)
         for line in plan.warnings:
@@ -176,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[cfg.metric_for_best_model]
         best = progress.best_metric
-        if best is None or (value > best if cfg.greater_is_better else value < best):
+        # a NaN is never best: every later comparison with it is False, so it would stay best for good
+        if math.isfinite(value) and (best is None or (value > best if cfg.greater_is_better else value < best)):
             progress.best_metric, progress.best_step = value, progress.step
         if is_main:
             train_log.append({"step": progress.step, **metrics})
@@ -201,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             prune_checkpoints(cfg.checkpoints_dir, policy)
             if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
                 mirror.push_checkpoint(folder)
-                mirror.push_file("train_log.jsonl")
+                for name in ("train_log.jsonl", "train.log"):
+                    mirror.push_file(name)
                 mirror.prune_remote(policy)
         stop.note_save(time.perf_counter() - t0)  # --max_run_time leaves room for the save and its upload
         last_saved = state()
@@ -253,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on after it)
             if diverged := guard.diverged(bad, progress, step_loss, grad_norm):
                 return stop_diverged(accelerator, out, mirror, progress.step, diverged)
-            if not bad:
+            if bad:
+                skip_update(accelerator)
+            else:
                 optimizer.step()
             if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -315,11 +316,6 @@ def test_final_of_a_classification_run_takes_a_5000_word_input_in_a_pipeline(cla
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="NEEDS scripts/train.py (lead) to call build_model(cfg, tokenizer, label_names(cfg, raw)); "
-    "remove this mark then",
-)
 def test_final_of_a_classification_run_names_its_labels(classifier_final):
     from transformers import pipeline
 
@@ -327,3 +323,24 @@ def test_final_of_a_classification_run_names_its_labels(classifier_final):
     assert names == {"0": "ham", "1": "spam"}
     classify = pipeline("text-classification", model=str(classifier_final), device="cpu")
     assert classify("def test_it():\n    assert True\n")[0]["label"] in ("ham", "spam")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model_name_or_path", "gpt2"], "error: --model_name_or_path gpt2: cannot load its config ("),
+        (["--tokenizer_name", "{empty}"], "error: --tokenizer_name {empty}: cannot load its tokenizer ("),
+    ],
+    ids=["hub_model_offline", "tokenizer_folder_without_files"],
+)
+def test_a_model_or_tokenizer_that_cannot_be_loaded_is_one_line_exit_2(tmp_path, cache_dir, flags, message):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}  # nothing cached
+    argv = [*TINY_LM, *[f.format(empty=empty) for f in flags], "--output_dir", str(tmp_path / "run"),
+            "--cache_dir", str(cache_dir)]  # fmt: skip
+    result = subprocess.run([PYTHON, TRAIN, *argv], capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message.format(empty=empty)), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()

@@ -62,5 +62,5 @@ def test_resume_on_another_process_count_uses_every_sample_exactly_once(
 def test_a_changed_global_batch_resumes_with_a_warning(tmp_path, cache_dir):
     Run([*DATA, "--max_steps_per_run", "5"], tmp_path, cache_dir).run_expecting(75)
     result = ok(Run([*DATA, "--per_device_train_batch_size", "8"], tmp_path, cache_dir).run())
-    assert "WARNING: global batch changed from 4 to 8" in result.stdout + result.stderr
+    assert "WARNING global batch changed from 4 to 8" in result.stdout + result.stderr
     assert (tmp_path / "COMPLETE").exists()

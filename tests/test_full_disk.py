@@ -8,13 +8,14 @@ import errno
 import json
 import os
 import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from checkpoint_fixture import FIXTURE, FIXTURE_ARGS, STEP
-from conftest import Run, train_records
+from conftest import TINY_LM, Run, train_records
 from safetensors.torch import save_file
 
 from resumable.checkpoint import MANIFEST, Progress, amend_checkpoint, commit_checkpoint, verify_checkpoint
@@ -149,6 +150,13 @@ def test_a_full_disk_anywhere_in_a_script_becomes_one_line_naming_the_file(tmp_p
         assert str(err.value).startswith(f"no space left on device while writing {disk / 'train_log.jsonl'}")
 
     @disk_full_exits
+    def shared_memory_full() -> int:  # a DataLoader worker's /dev/shm: not the output dir, so it is not blamed
+        raise RuntimeError("unable to write to file </torch_123_456_0>: No space left on device (28)")
+
+    with pytest.raises(EnvironmentFailure, match=r"^no space left on device: unable to write to file </torch_123"):
+        shared_memory_full()
+
+    @disk_full_exits
     def other_failure() -> int:
         raise ValueError("not about space")
 
@@ -189,3 +197,40 @@ def test_an_immutable_output_dir_fails_in_one_line(tmp_path):
             check_output_dir_writable(folder)
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_train_py_on_a_read_only_output_dir_exits_74_in_one_line_before_the_slow_start_up(tmp_path, cache_dir):
+    with tmpfs(tmp_path / "ro", 4 * PAGE, "ro") as ro:
+        result = Run(TINY_LM, ro / "run", cache_dir).run_expecting(74)
+    assert error_text(result.stderr).startswith(f"--output_dir {ro / 'run'}: not writable (cannot create it in {ro})")
+    assert "Traceback" not in result.stderr and "Data:" not in result.stderr  # nothing loaded first
+
+
+def test_a_full_disk_under_train_log_is_exit_74_naming_it_not_a_logging_error_per_line(tmp_path):
+    script = f"""
+import sys
+from pathlib import Path
+from resumable.disk import disk_full_exits
+from resumable.errors import exit_on_user_error
+from resumable.logs import get_logger, log_to_file, setup_logging
+
+@exit_on_user_error
+@disk_full_exits
+def main():
+    setup_logging("info")
+    log_to_file(Path({str(tmp_path / "disk" / "train.log")!r}))
+    with open(Path({str(tmp_path / "disk" / "filler")!r}), "wb", buffering=0) as fh:
+        try:
+            while True:
+                fh.write(b"\\0" * 4096)
+        except OSError:
+            pass
+    for i in range(100):
+        get_logger("resumable.test").info("a line of the run " * 20)
+main()
+"""
+    with tmpfs(tmp_path / "disk", 8 * PAGE):
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 74, result.stderr[-3000:]
+    assert error_text(result.stderr).startswith(f"no space left on device while writing {tmp_path / 'disk'}/train.log")
+    assert "Logging error" not in result.stderr and "Traceback" not in result.stderr

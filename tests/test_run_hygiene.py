@@ -30,6 +30,19 @@ def test_every_log_line_has_a_level_and_train_log_keeps_them_across_runs(tmp_pat
     assert all(line.split(" ")[2] in ("DEBUG", "INFO", "WARNING", "ERROR") for line in log), log
 
 
+def test_start_up_says_it_builds_the_corpus_and_tokenizer_once_and_tokenizes(tmp_path):
+    def info(result) -> list[str]:
+        return [line.split(" INFO ", 1)[1] for line in result.stderr.splitlines() if " INFO " in line]
+
+    fresh = tmp_path / "fresh_cache"  # nothing built yet: the slow first start-up must say what it is doing
+    first = info(Run([*TINY_LM, "--max_steps", "1"], tmp_path / "a", fresh).run_expecting(0))
+    order = ["Building the embedded LM corpus", "Training a byte-level BPE tokenizer", "Tokenizing", "Data:", "Model:"]
+    found = [next(i for i, line in enumerate(first) if line.startswith(what)) for what in order]
+    assert found == sorted(found), first
+    again = info(Run([*TINY_LM, "--max_steps", "1"], tmp_path / "b", fresh).run_expecting(0))
+    assert not any(line.startswith(("Building", "Training a")) for line in again), again  # both cached
+
+
 def test_library_noise_a_user_cannot_act_on_is_silenced(tmp_path, cache_dir):
     result = Run([*TINY_LM, "--max_steps", "4", "--checkpointing_steps", "2"], tmp_path, cache_dir).run_expecting(0)
     for noise in ("Removed shared tensor", "loss_type=None", "Writing model shards"):
@@ -51,7 +64,8 @@ def test_skip_step_skips_the_poisoned_update_counts_it_and_finishes_finite(tmp_p
     result = Run(args, tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:3"}).run_expecting(0)
     assert any(" WARNING " in line and "step 3" in line and "skipped" in line for line in result.stderr.splitlines())
     losses = {r["step"]: r["train/loss"] for r in train_records(tmp_path) if "train/loss" in r}
-    assert math.isnan(losses[3]) and all(math.isfinite(v) for s, v in losses.items() if s != 3)
+    assert losses[3] is None and all(math.isfinite(v) for s, v in losses.items() if s != 3)  # valid JSON: null
+    assert "NaN" not in (tmp_path / "train_log.jsonl").read_text()
     assert all(t.isfinite().all() for t in final_weights(tmp_path).values())
     progress = json.loads((tmp_path / "checkpoints" / "step-00000008" / "progress.json").read_text())
     assert progress["skipped_steps"] == 1 and progress["nonfinite_in_a_row"] == 0
@@ -90,6 +104,10 @@ def test_tensorboard_shows_each_step_once_and_one_run_after_a_kill(tmp_path, cac
         (["--lr_scheduler_type", "reduce_lr_on_plateau"], "--lr_scheduler_type"),
         (["--nan_policy", "never"], "--nan_policy"),
         (["--log_level", "loud"], "--log_level"),
+        (["--adam_epsilon", "0"], "--adam_epsilon must be > 0"),
+        (["--learning_rate", "1e39"], "--learning_rate must be below 3e38"),
+        (["--learning_rate", "inf"], "--learning_rate must be finite"),
+        (["--adam_beta2", "1"], "--adam_beta2 must be in [0, 1)"),
     ],
 )
 def test_flag_values_that_cannot_work_fail_at_parse_time_in_one_line(tmp_path, flags, named):
@@ -108,3 +126,58 @@ def test_a_tracker_that_is_not_installed_is_an_error_and_all_takes_what_is_there
         parse_config(["--output_dir", str(tmp_path), "--report_to", "wandb"])
     assert trackers.choose_trackers("all") == ["tensorboard"]
     assert "wandb not installed" in trackers.describe("all", ["tensorboard"])
+
+
+def test_wandb_without_a_key_or_offline_mode_is_an_error_and_all_leaves_it_out(monkeypatch, tmp_path):
+    import resumable.trackers as trackers
+
+    monkeypatch.setattr(trackers, "is_installed", lambda name: True)
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb"))
+    with pytest.raises(UserError, match=r"^--report_to wandb: wandb is not logged in \(run `wandb login`"):
+        parse_config(["--output_dir", str(tmp_path), "--report_to", "wandb"])
+    assert trackers.choose_trackers("all") == ["tensorboard"]
+    assert "wandb not logged in" in trackers.describe("all", ["tensorboard"])
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc\n")  # what wandb login writes
+    assert trackers.choose_trackers("wandb") == ["wandb"]
+    (tmp_path / "netrc").unlink()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert trackers.choose_trackers("all") == ["tensorboard", "wandb"]
+
+
+def test_a_skipped_update_under_fp16_ends_the_loss_scaler_iteration_and_lowers_its_scale():
+    """Without it the next step's unscale_ (gradient clipping) raises 'unscale_() has already been called'."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from resumable.divergence import skip_update
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    scaler.scale(model(torch.ones(2, 4)).sum() * float("nan")).backward()
+    scaler.unscale_(optimizer)  # what accelerator.clip_grad_norm_ does under fp16
+    skip_update(SimpleNamespace(scaler=scaler))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())) and scaler.get_scale() == 512.0
+    optimizer.zero_grad()
+    scaler.scale(model(torch.ones(2, 4)).sum()).backward()
+    scaler.unscale_(optimizer)  # raised before skip_update existed
+    scaler.step(optimizer)
+    scaler.update()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_resuming_with_a_lower_learning_rate_continues_the_schedule_from_the_new_peak(tmp_path, cache_dir):
+    """What the divergence message advises: resume the last good checkpoint with a lower --learning_rate."""
+    args = [*TINY_LM, "--max_steps", "10"]
+    Run([*args, "--max_steps_per_run", "4"], tmp_path, cache_dir).run_expecting(75)
+    result = Run([*args, "--learning_rate", "0.001"], tmp_path, cache_dir).run_expecting(0)
+    assert "WARNING --learning_rate 0.001 differs from the checkpoint's 0.003" in result.stderr
+    lrs = [r["lr"] for r in train_records(tmp_path)]
+    assert lrs[3] == pytest.approx(0.003 * (10 - 3) / (10 - 3), rel=1e-9)  # step 4, before the stop
+    assert lrs[4:] == pytest.approx([0.001 * (10 - s) / (10 - 3) for s in range(4, 10)], rel=1e-9)

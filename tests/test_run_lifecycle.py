@@ -81,7 +81,7 @@ def test_resuming_an_older_checkpoint_starts_a_branch_that_is_kept_and_continued
     assert best < max(before)
     branch = [*args, "--resume_from_checkpoint", "best"]
     result = Run([*branch, "--max_steps_per_run", "1"], tmp_path, cache_dir).run_expecting(75)
-    warning = [ln for ln in result.stderr.splitlines() if ln.startswith("WARNING: branching from")]
+    warning = [ln for ln in result.stderr.splitlines() if " WARNING branching from" in ln]
     assert len(warning) == 1 and f"step-{best:08d}" in warning[0]
     (aside,) = abandoned(tmp_path)
     moved = sorted(int(p.name[5:]) for p in (aside / "checkpoints").iterdir())
@@ -114,7 +114,7 @@ def test_starting_over_moves_the_old_run_aside_and_never_mixes_two_runs(tmp_path
     refused = Run(changed, tmp_path, cache_dir).run_expecting(2)
     assert "--resume_from_checkpoint none" in refused.stderr and "Traceback" not in refused.stderr
     result = ok(Run([*changed, "--resume_from_checkpoint", "none"], tmp_path, cache_dir).run())
-    assert "Resuming" not in result.stdout + result.stderr and "WARNING: starting over" in result.stderr
+    assert "Resuming" not in result.stdout + result.stderr and "WARNING starting over" in result.stderr
     (aside,) = abandoned(tmp_path)
     assert sorted(int(p.name[5:]) for p in (aside / "checkpoints").iterdir()) == old  # nothing deleted
     assert len((aside / "train_log.jsonl").read_text().splitlines()) >= 5
@@ -122,17 +122,17 @@ def test_starting_over_moves_the_old_run_aside_and_never_mixes_two_runs(tmp_path
     assert seeds == {8} and logged_steps(tmp_path) == list(range(1, 7))  # one run per folder
     # the same command again does not start over a second time
     again = ok(Run([*changed, "--resume_from_checkpoint", "none"], tmp_path, cache_dir).run())
-    assert "already complete" in again.stdout and len(abandoned(tmp_path)) == 1
+    assert "already complete" in again.stderr and len(abandoned(tmp_path)) == 1
 
 
 def test_a_finished_run_asked_for_more_continues_and_otherwise_checks_its_settings(tmp_path, cache_dir):
     ok(Run([*TINY_LM, "--max_steps", "10"], tmp_path, cache_dir).run())
     same = ok(Run([*TINY_LM, "--max_steps", "10"], tmp_path, cache_dir).run())
-    assert "already complete" in same.stdout
+    assert "already complete" in same.stderr
     refused = Run([*TINY_LM, "--max_steps", "10", "--seed", "8"], tmp_path, cache_dir).run_expecting(2)
     assert "seed" in refused.stderr and "Traceback" not in refused.stderr
     more = ok(Run([*TINY_LM, "--max_steps", "14"], tmp_path, cache_dir).run())
-    assert "WARNING: the run now ends at step 14, not 10" in more.stderr
+    assert "WARNING the run now ends at step 14, not 10" in more.stderr
     assert "Resuming from" in more.stdout + more.stderr and "step-00000010: step 10" in more.stdout + more.stderr
     assert logged_steps(tmp_path) == list(range(1, 15)) and final_metrics(tmp_path)["step"] == 14
     lrs = [r["lr"] for r in train_records(tmp_path)]
@@ -170,6 +170,7 @@ def test_training_data_changed_under_a_checkpoint_is_refused_in_one_line(tmp_pat
     error = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
     assert len(error) == 1 and "training data changed" in error[0] and "--train_file" in error[0]
     assert "Traceback" not in result.stderr and checkpoint_steps(out)[-1] == 40
+    assert (out / "train.log").read_text().splitlines()[-1].endswith(f"ERROR {error[0]}")  # why the run stopped
 
 
 def test_slurm_job_output_dir_defaults_to_the_presets_own(tmp_path):

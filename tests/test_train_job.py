@@ -38,7 +38,7 @@ def test_make_train_job_at_reduced_steps_completes_with_all_outputs(tmp_path, ca
     # The same command again: already complete, exit 0, nothing trained or rewritten.
     before = (out / "final" / "model.safetensors").stat().st_mtime_ns
     again = ok(subprocess.run(env_cmd, capture_output=True, text=True, cwd=REPO, timeout=300))
-    assert "already complete" in again.stdout
+    assert "already complete" in again.stderr
     assert (out / "final" / "model.safetensors").stat().st_mtime_ns == before
 
 

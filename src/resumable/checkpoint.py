@@ -240,5 +240,6 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
             rank,
             progress.world_size,
             derived,
+            main_process_only=False,  # only ranks beyond the saved world size get here, never rank 0
         )
     return progress

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -95,7 +96,9 @@ class TrainConfig:
     greater_is_better: bool | None = _f(None, "Whether a larger metric is better; default: inferred from its name.")
     logging_steps: int = _f(10, "Log to trackers every N optimizer steps.")
     record_samples: bool = _f(False, "Append a hash of every training example to samples/rank{R}.jsonl (audit).")
-    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f("tensorboard", "Experiment tracker.")
+    report_to: Literal["tensorboard", "wandb", "all", "none"] = _f(
+        "tensorboard", "Experiment tracker; all = every installed one."
+    )
     project_name: str = _f("resumable", "Tracker project name.")
     log_level: Literal["debug", "info", "warning", "error"] = _f("info", "Console and train.log verbosity.")
     nan_policy: Literal["stop", "skip_step"] = _f(
@@ -124,6 +127,15 @@ class TrainConfig:
             "max_nan_skips",
         ):
             _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):  # inf and nan parse as floats; no float flag can mean them
+            value = getattr(self, f.name)
+            _require(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be finite, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0 <= getattr(self, name) < 1, f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        # epsilon 0 turns the Adam update of a never-seen embedding row into 0/0 = NaN
+        _require(self.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {self.adam_epsilon}")
+        for name in ("learning_rate", "adam_epsilon", "weight_decay", "max_grad_norm"):  # the optimizer's float32
+            _require(getattr(self, name) < 3e38, f"--{name} must be below 3e38 (float32), got {getattr(self, name)}")
         _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
         _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
@@ -216,7 +228,8 @@ def parse_duration(text: str) -> float:
 
 class _Parser(HfArgumentParser):
     def error(self, message: str):  # argparse would print usage + exit; we want one line
-        raise UserError(re.sub(r"(--\w+)/--[\w-]+", r"\1", message))  # drop the --dash-alias HF adds
+        message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)  # drop the --dash-alias HF adds
+        raise UserError(" ".join(message.split()))  # a value with a line break must not break the one line
 
 
 def field_names() -> list[str]:
@@ -244,7 +257,8 @@ def _yaml_flags(path: str) -> list[str]:
         if value is None:
             continue
         _require(not isinstance(value, (list, dict)), f"--config {path}: key {key!r} must be a scalar")
-        flags += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        flags.append(f"--{key}={text}")  # one token: a value such as -1e+16 is never read as another flag
     return flags
 
 

@@ -18,6 +18,9 @@ import textwrap
 import warnings
 from pathlib import Path
 
+from resumable.logs import get_logger
+
+log = get_logger(__name__)
 TEST_DIRS = {"test", "tests", "idle_test"}
 CLS_LABEL_NAMES = ("library code", "test code")  # what the classification corpus's labels 0 and 1 mean
 
@@ -76,6 +79,7 @@ def build_lm_corpus(cache: Path, validation_percentage: int = 5) -> dict[str, Pa
     target = cache / "corpora" / f"stdlib_lm-{_fingerprint(files, root, validation_percentage)}"
     if target.exists():
         return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
+    log.info(f"Building the embedded LM corpus: {len(files)} modules of the Python standard library in {root} (once)")
     records: dict[str, list[dict]] = {"train": [], "validation": []}
     for f in files:
         rel = str(f.relative_to(root))
@@ -114,6 +118,7 @@ def build_cls_corpus(cache: Path, validation_percentage: int = 5, max_per_class:
     target = cache / "corpora" / f"stdlib_cls-{key}"
     if target.exists():
         return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
+    log.info(f"Building the embedded classification corpus: functions of {len(files)} stdlib files in {root} (once)")
     pools: dict[tuple[str, int], list[dict]] = {}
     for f in files:
         rel = f.relative_to(root)

@@ -19,7 +19,9 @@ from resumable.config import TrainConfig, cache_root
 from resumable.corpus import build_cls_corpus, build_lm_corpus
 from resumable.data_checks import clean_split, diagnose_load_failure
 from resumable.errors import UserError
+from resumable.logs import get_logger
 
+log = get_logger(__name__)
 datasets.disable_progress_bars()
 BUILDERS = {".txt": "text", ".csv": "csv", ".json": "json", ".jsonl": "json"}
 EOS, PAD, CLS = "<|endoftext|>", "<pad>", "<cls>"
@@ -94,7 +96,12 @@ def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTok
     name = cfg.tokenizer_name or cfg.model_name_or_path
     if name is None:
         name = str(_train_bpe(cfg, raw["train"]))
-    tokenizer = AutoTokenizer.from_pretrained(name)  # the same loading path for trained and pretrained ones
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)  # the same loading path for trained and pretrained ones
+    except (OSError, ValueError) as err:  # offline without a cached copy, a folder without tokenizer files, ...
+        flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"{flag} {name}: cannot load its tokenizer ({first})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -113,12 +120,16 @@ def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     target = bpe_cache_dir(cfg, train)
     if (target / "tokenizer.json").exists():
         return target
+    log.info(f"Training a byte-level BPE tokenizer (vocabulary {cfg.vocab_size}) on {len(train)} training texts (once)")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     specials = [EOS, PAD, CLS]
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=cfg.vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar prints blank lines into logs; the INFO line above says what runs
     )
     texts = (row[cfg.text_column] for row in train)
     tok.train_from_iterator((t for t in texts if t), trainer=trainer, length=len(train))  # None: an empty cell
@@ -139,6 +150,7 @@ def tokenize_datasets(
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Tokenized train and validation sets (cached by `datasets`: a second run re-tokenizes nothing)."""
     text = cfg.text_column
+    log.info(f"Tokenizing {sum(len(ds) for ds in raw.values())} texts (cached: a rerun with the same data reuses it)")
     common = {"batched": True, "num_proc": cfg.preprocessing_num_workers, "load_from_cache_file": True}
     if cfg.task == "causal_lm":
         eos = tokenizer.eos_token_id

@@ -82,9 +82,6 @@ def disk_full_failure(action: str, where: Path, needed: int | None = None, note:
     )
 
 
-_output_dir: Path | None = None  # recorded by check_output_dir_writable: where a full disk is reported
-
-
 def _file_written(err: BaseException) -> str | None:
     """The file a failed write was writing: the error's own filename, else an open file in the failing frames."""
     if getattr(err, "filename", None):
@@ -112,8 +109,11 @@ def disk_full_exits(main: Callable[..., T]) -> Callable[..., T]:
             if not is_disk_full(err):
                 raise
             name = _file_written(err)
-            what = f"writing {name}" if name else f"writing to {_output_dir or 'the output dir'}"
-            raise disk_full_failure(what, Path(name or _output_dir or ".")) from None
+            if name:
+                raise disk_full_failure(f"writing {name}", Path(name)) from None
+            # not known to be the output dir (a DataLoader worker's /dev/shm, a temp dir): say what failed
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise EnvironmentFailure(f"no space left on device: {first}") from None
 
     return wrapper
 
@@ -122,8 +122,7 @@ def check_output_dir_writable(path: Path) -> None:
     """Fail at start, in one line, if the output dir (or, before it exists, the folder it will be made in) cannot be
     written: a read-only mount, missing permissions, an immutable folder. Probes with a real file, because
     `os.access` says yes to root on most of these."""
-    global _output_dir
-    path = _output_dir = Path(path)
+    path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"--output_dir {path}: exists and is not a directory")
     probe_dir = next((p for p in (path, *path.parents) if p.exists()), None)

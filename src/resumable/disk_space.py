@@ -8,15 +8,13 @@ file. `scripts/train.py` runs `require_disk(cfg)` at start; `scripts/preflight.p
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from resumable.config import TrainConfig, cache_root
+from resumable.disk import check_output_dir_writable
 from resumable.errors import EnvironmentFailure, UserError
 from resumable.logs import get_logger
 
@@ -152,36 +150,14 @@ def local_output_dir(cfg: TrainConfig) -> tuple[Path, str]:
 
 
 def check_writable(path: Path) -> Finding:
-    """Write and remove a real file in `path` (root ignores permission bits, so `os.access` would say yes to a
-    read-only mount). A missing folder is created for the test and removed again, with any parents it needed."""
+    """`disk.check_output_dir_writable` as a report line: a real file is written and removed (root ignores
+    permission bits, so `os.access` would say yes to a read-only mount); a missing folder is probed in its parent."""
     path = Path(path)
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        return Finding("FAIL", "output dir", f"{path}: {existing} is a file, so the folder cannot be created")
-    missing = []
-    for folder in (path, *path.parents):
-        if folder == existing:
-            break
-        missing.append(folder)
-    created: list[Path] = []
     try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            created.append(folder)
-        fd, probe = tempfile.mkstemp(prefix=".preflight-", dir=path)
-        try:
-            os.write(fd, b"x")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
-    except OSError as err:
-        return Finding("FAIL", "output dir", f"{path}: not writable ({err.strerror or err})")
-    finally:
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):  # something else put a file there meanwhile: leave it
-                folder.rmdir()
-    return Finding("OK", "output dir", f"{path}: writable" + (" (it will be created)" if created else ""))
+        check_output_dir_writable(path)
+    except UserError as err:  # EnvironmentFailure too: a read-only mount, missing permissions, a full disk
+        return Finding("FAIL", "output dir", str(err).removeprefix("--output_dir "))
+    return Finding("OK", "output dir", f"{path}: writable" + ("" if path.exists() else " (it will be created)"))
 
 
 def existing_checkpoint_bytes(checkpoints_dir: Path) -> int:
@@ -231,9 +207,16 @@ def check_disk(cfg: TrainConfig, checkpoint_bytes: int | None = None) -> list[Fi
 
 def require_disk(cfg: TrainConfig, num_parameters: int | None = None, num_tensors: int = 0) -> None:
     """For `scripts/train.py` at start (main process): raise `EnvironmentFailure` (exit 74) when the output dir is
-    not writable or too small for the checkpoints this run keeps; log a WARNING when that cannot be known."""
+    not writable or cannot hold even one checkpoint. Too little room for every kept checkpoint is a WARNING: the
+    run can still make progress, and a save that finds the disk full stops cleanly (exit 74, nothing lost)."""
     size = None if num_parameters is None else estimate_checkpoint_bytes(cfg, num_parameters, num_tensors)
     for finding in check_disk(cfg, size):
+        if finding.level == "FAIL" and finding.check == "disk" and size is not None:
+            out, _ = local_output_dir(cfg)
+            free = shutil.disk_usage(next(p for p in (out, *out.parents) if p.exists())).free
+            if free >= size:
+                log.warning("disk: %s; the run will stop (exit 74) when the disk fills", finding.message)
+                continue
         if finding.level == "FAIL":
             raise EnvironmentFailure(f"{finding.check}: {finding.message}")
         if finding.level == "WARN":

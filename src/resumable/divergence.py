@@ -29,6 +29,15 @@ def measure_and_clip(accelerator, model: torch.nn.Module, max_grad_norm: float) 
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
+def skip_update(accelerator) -> None:
+    """Leave the weights alone for this update. Under fp16 the loss scaler must still end its iteration, as it does
+    when it skips an overflowing step itself: otherwise the next `unscale_` raises ("already been called since the
+    last update"). Lowering the scale is what the scaler would have done with these gradients."""
+    scaler = accelerator.scaler
+    if scaler is not None and scaler.is_enabled():
+        scaler.update(float(scaler.get_scale() * scaler.get_backoff_factor()))
+
+
 def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
     """Tests inject a NaN into the loss of a chosen step (`RESUMABLE_FAULT=nan_loss:STEP`)."""
     return loss * float("nan") if os.environ.get(FAULT_ENV) == f"nan_loss:{step}" else loss

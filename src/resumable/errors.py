@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from collections.abc import Callable
 from typing import TypeVar
+
+from resumable.logs import log_to_files_only
 
 T = TypeVar("T")
 
@@ -34,7 +37,11 @@ def exit_on_user_error(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as err:
             print(f"error: {err}", file=sys.stderr, flush=True)
+            log_to_files_only(f"error: {err}")  # train.log, when the run got far enough to have one
             sys.exit(err.exit_code)
+        except Exception:  # a bug: its traceback still goes to stderr, and into train.log for the bug report
+            log_to_files_only(traceback.format_exc().rstrip())
+            raise
 
     return wrapper
 

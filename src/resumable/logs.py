@@ -10,6 +10,8 @@ so start-up planning can log too.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import sys
@@ -92,6 +94,28 @@ class _Buffer(logging.Handler):
             self.records.append(record)
 
 
+class _FileHandler(logging.FileHandler):
+    """train.log on a full disk: the run's failure (exit 74 through `disk.disk_full_exits`, naming the file), not a
+    `--- Logging error ---` traceback for every later line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise err
+        super().handleError(record)
+
+
+def log_to_files_only(message: str) -> None:
+    """Append an ERROR line to train.log only: the `error: ...` line (or the traceback) a script already printed on
+    stderr, so the log a user attaches to a bug report ends with why the run stopped."""
+    root = logging.getLogger(ROOT)
+    record = root.makeRecord(root.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler):
+            with contextlib.suppress(Exception):  # the disk that failed the run may be this one
+                handler.handle(record)
+
+
 def setup_logging(level: str = "info") -> None:
     """Send `resumable.*` to stderr at `level`; silence exactly the known noise of the libraries (see QUIET)."""
     root = logging.getLogger(ROOT)
@@ -115,7 +139,7 @@ def log_to_file(path: Path) -> None:
     if any(getattr(h, "baseFilename", None) == target for h in root.handlers):
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(target, mode="a", encoding="utf-8", delay=False)
+    handler = _FileHandler(target, mode="a", encoding="utf-8", delay=False)
     handler.setFormatter(logging.Formatter(FORMAT, DATEFMT))
     for buffer in [h for h in root.handlers if isinstance(h, _Buffer)]:
         for record in buffer.records:

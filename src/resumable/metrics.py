@@ -109,8 +109,10 @@ class TrainLog:
         return [json.loads(line) for line in self.read_lines()]
 
     def append(self, record: dict) -> None:
+        """One JSON line; a NaN or inf value (a skipped update's loss) is written as null: JSON has no NaN."""
+        clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
         with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps(clean, allow_nan=False) + "\n")
 
 
 def example_hashes(batch: dict) -> list[str]:

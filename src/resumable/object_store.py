@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 import os
 import re
 import time
@@ -13,8 +12,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from resumable.errors import UserError
+from resumable.logs import get_logger
 
-log = logging.getLogger("resumable")
+log = get_logger(__name__)
 T = TypeVar("T")
 # Errors not worth another try: answers (s3fs maps NoSuchKey, AccessDenied, ... to these) and bugs. Everything
 # else is retried: after s3fs's own retries, network trouble still surfaces as botocore or aiohttp exceptions

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import logging
 import re
 import shutil
 from pathlib import Path
@@ -30,13 +29,14 @@ from resumable.checkpoint import (
     swap_in,
     verify_checkpoint,
 )
+from resumable.logs import get_logger
 from resumable.object_store import ObjectStore, is_remote, staging_dir  # noqa: F401 (re-exported)
 from resumable.retention import CheckpointInfo, RetentionPolicy, pools
 
-log = logging.getLogger("resumable")
+log = get_logger(__name__)
 STEP_DIR = re.compile(r"step-(\d+)")
-PULLED_FILES = ("train_log.jsonl", "run_status.json")  # the small files a resumed run continues from
-FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "run_status.json")
+PULLED_FILES = ("train_log.jsonl", "train.log", "run_status.json")  # the small files a resumed run continues from
+FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "train.log", "run_status.json")
 PUSHED = ".pushed"  # in the staging folder once it has pushed a checkpoint: its remote run existed
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: export pulls in matplotlib)
 

@@ -13,6 +13,7 @@ from resumable.logs import get_logger
 from resumable.resume_plan import ResumePlan, reschedule
 
 log = get_logger(__name__)
+RUN_ID_FILE = "tracker_run_id"  # listed in resume_plan.RUN_FILES
 
 
 def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, int, int], batches_per_epoch: int,
@@ -20,7 +21,7 @@ def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, 
     """Load `plan.resume` into the prepared objects (every process) and return the progress to continue from, with
     the line to print once the first batch is in hand ("" for a fresh start)."""
     world, bs, ga = layout
-    progress, message = Progress(tracker_run_id=secrets.token_hex(4), world_size=world), ""
+    progress, message = Progress(tracker_run_id=fresh_run_id(accelerator, cfg), world_size=world), ""
     resume_dir: Path | None = plan.resume
     if resume_dir is not None:
         progress = load_checkpoint(accelerator, resume_dir, cfg.seed)
@@ -44,4 +45,38 @@ def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, 
     if progress.total_steps not in (0, total_steps):  # every process moves its scheduler to the new schedule
         log.warning(reschedule(scheduler, cfg, progress.step, progress.total_steps, total_steps))
     progress.total_steps = total_steps
+    if resume_dir is not None and (changed := set_peak_learning_rate(scheduler, cfg.learning_rate, progress.step)):
+        log.warning(changed)
     return progress, message
+
+
+def fresh_run_id(accelerator, cfg: TrainConfig) -> str:
+    """The tracker run id of a run with no checkpoint yet, kept in `{output_dir}/tracker_run_id`: a run killed before
+    its first checkpoint resumes the same W&B run instead of starting a second one. (A start-over moves the file
+    aside with the rest of the run, so it gets a new id.)"""
+    path = Path(cfg.output_dir) / RUN_ID_FILE
+    if accelerator.is_main_process and not path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(secrets.token_hex(4))
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
+    return path.read_text().strip()
+
+
+def set_peak_learning_rate(scheduler, learning_rate: float, step: int) -> str:
+    """`--learning_rate` differs from the checkpoint's (e.g. lowered after a divergence): the loaded scheduler holds
+    the old peak, so the run would silently keep it. Move the schedule to the new peak at the same position.
+    Returns the WARNING to print, or "" when nothing changed."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's wrapper around the torch scheduler
+    old = inner.base_lrs[0]
+    if all(base == learning_rate for base in inner.base_lrs):
+        return ""
+    inner.base_lrs = [learning_rate] * len(inner.base_lrs)
+    for group in inner.optimizer.param_groups:
+        group["initial_lr"] = learning_rate
+    inner.last_epoch -= 1
+    inner.step()  # every group's rate at `step`, from the new peak
+    return (
+        f"--learning_rate {learning_rate:g} differs from the checkpoint's {old:g}: the LR schedule continues from "
+        f"step {step} with the new peak, at lr {inner.get_last_lr()[0]:.3g}"
+    )

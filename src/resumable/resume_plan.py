@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import os
 import re
@@ -36,13 +35,16 @@ from resumable.checkpoint import (
 )
 from resumable.config import RESUME_KEYWORDS, TrainConfig
 from resumable.errors import UserError
+from resumable.logs import get_logger
 from resumable.retention import RetentionPolicy, best_checkpoint
 
-log = logging.getLogger("resumable")
+log = get_logger(__name__)
 ABANDONED = "abandoned"
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (export pulls in the metrics and plotting code)
 END_FILES = ("final", "final_metrics.json", "loss_curve.png", COMPLETE)  # a finished run's end
-RUN_FILES = (COMPLETE, "checkpoints", "train_log.jsonl", "samples", "runs", "wandb", "run_status.json", *END_FILES[:-1])
+RUN_FILES = (COMPLETE, "checkpoints", "train_log.jsonl", "train.log", "samples", "runs", "wandb", "run_status.json")
+RUN_FILES += ("tracker_run_id",)  # restore.RUN_ID_FILE
+RUN_FILES += END_FILES[:-1]
 
 
 @dataclass

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import os
+import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from resumable.errors import UserError
 from resumable.logs import get_logger
@@ -17,23 +22,43 @@ def is_installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def wandb_problem() -> str:
+    """Why W&B cannot start here ("" when it can): without a key or an offline mode, `wandb.init` fails after the
+    whole start-up. Checks what wandb reads: WANDB_MODE, WANDB_API_KEY, ~/.netrc, its settings file."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun") or os.environ.get("WANDB_API_KEY"):
+        return ""
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    config_dir = Path(os.environ.get("WANDB_CONFIG_DIR", Path.home() / ".config" / "wandb"))
+    for path, needle in ((Path(os.environ.get("NETRC", Path.home() / ".netrc")), host), (config_dir / "settings", "")):
+        with contextlib.suppress(OSError):
+            text = path.read_text()
+            if (needle and needle in text) or (not needle and re.search(r"^mode\s*=\s*(offline|disabled)", text, re.M)):
+                return ""
+    return "not logged in (run `wandb login`, or set WANDB_API_KEY, or WANDB_MODE=offline)"
+
+
+def _unavailable(name: str) -> str:
+    if not is_installed(name):
+        return f"not installed ({INSTALL[name]})"
+    return wandb_problem() if name == "wandb" else ""
+
+
 def choose_trackers(report_to: str) -> list[str]:
-    """`--report_to` -> the trackers that will run. An explicit one that is not installed is an error; `all` takes
-    those installed (and the log says which)."""
+    """`--report_to` -> the trackers that will run. An explicit one that cannot run (not installed, W&B not logged
+    in) is an error; `all` takes those that can (and the start-up line says why the others do not)."""
     if report_to == "none":
         return []
     if report_to == "all":
-        return [name for name in KNOWN if is_installed(name)]
-    if not is_installed(report_to):
-        raise UserError(f"--report_to {report_to}: {report_to} is not installed ({INSTALL[report_to]}), or use none")
+        return [name for name in KNOWN if not _unavailable(name)]
+    if problem := _unavailable(report_to):
+        raise UserError(f"--report_to {report_to}: {report_to} is {problem}, or use --report_to none")
     return [report_to]
 
 
 def describe(report_to: str, trackers: list[str]) -> str:
-    missing = [
-        f"{name} not installed: {INSTALL[name]}" for name in KNOWN if report_to == "all" and name not in trackers
-    ]
-    return f"Trackers: {', '.join(trackers) or 'none'}" + (f" ({'; '.join(missing)})" if missing else "")
+    left_out = [f"{name} {_unavailable(name)}" for name in KNOWN if report_to == "all" and name not in trackers]
+    return f"Trackers: {', '.join(trackers) or 'none'}" + (f" ({'; '.join(left_out)})" if left_out else "")
 
 
 def start_trackers(accelerator, cfg, trackers: list[str], settings: dict[str, Any], step: int, run_id: str) -> None:
