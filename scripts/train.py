@@ -46,7 +46,7 @@ log = get_logger("resumable.train")
 @disk_full_exits  # a full disk in any write (a log line, the final model) is one line naming the file, exit 74
 def main(argv: list[str] | None = None) -> int:
     # --- config
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, description=__doc__)
     setup_logging(cfg.log_level)
     # handlers first: a preemption signal during the slow start-up must not kill the process
     budget = parse_duration(cfg.max_run_time) if cfg.max_run_time else None

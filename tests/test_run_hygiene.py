@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 
 import pytest
@@ -181,3 +182,22 @@ def test_resuming_with_a_lower_learning_rate_continues_the_schedule_from_the_new
     lrs = [r["lr"] for r in train_records(tmp_path)]
     assert lrs[3] == pytest.approx(0.003 * (10 - 3) / (10 - 3), rel=1e-9)  # step 4, before the stop
     assert lrs[4:] == pytest.approx([0.001 * (10 - s) / (10 - 3) for s in range(4, 10)], rel=1e-9)
+
+
+def test_train_py_help_lists_every_flag_with_its_doc_and_exits_0():
+    from resumable.config import field_names
+
+    result = subprocess.run([PYTHON, TRAIN, "--help"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert all(f"--{name}" in result.stdout for name in field_names())
+    assert "run the same command again to resume" in result.stdout and "Exit codes: 0 finished" in result.stdout
+
+
+def test_the_progress_bar_shows_the_loss_and_lr_of_the_step_it_counts(tmp_path, cache_dir):
+    env = {"TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}  # render every step, not once a second
+    result = Run([*TINY_LM, "--max_steps", "6"], tmp_path, cache_dir, env=env).run_expecting(0)
+    shown = re.findall(r"(\d+)/6 \[[^\]]*loss=([\d.]+), lr=([\d.e+-]+)\]", result.stderr)
+    records = {r["step"]: r for r in train_records(tmp_path)}
+    assert {int(step) for step, _, _ in shown} >= {2, 3, 4, 5, 6}, result.stderr[-2000:]
+    for step, loss, lr in shown:
+        assert loss == f"{records[int(step)]['train/loss']:.4f}" and lr == f"{records[int(step)]['lr']:.2e}", step

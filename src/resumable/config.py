@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import math
 import os
@@ -226,6 +227,10 @@ def parse_duration(text: str) -> float:
 # --- parsing
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written (usage examples, exit codes), each flag's default after its doc."""
+
+
 class _Parser(HfArgumentParser):
     def error(self, message: str):  # argparse would print usage + exit; we want one line
         message = re.sub(r"(--\w+)/--[\w-]+", r"\1", message)  # drop the --dash-alias HF adds
@@ -272,10 +277,13 @@ def _peek_config(argv: list[str]) -> str | None:
     return None
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
-    """Parse defaults < --config YAML < flags into a validated `TrainConfig`; raise `UserError` on any mistake."""
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Parse defaults < --config YAML < flags into a validated `TrainConfig`; raise `UserError` on any mistake.
+    `description` (the script's docstring) heads `--help`."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser(TrainConfig, allow_abbrev=False)  # --learning must not silently mean --learning_rate
+    parser = _Parser(  # allow_abbrev off: --learning must not silently mean --learning_rate
+        TrainConfig, allow_abbrev=False, description=description, formatter_class=_HelpFormatter
+    )
     config_path = _peek_config(argv)
     yaml_flags = _yaml_flags(config_path) if config_path else []
     if yaml_flags:  # type-check the file's values alone first, so errors name the file

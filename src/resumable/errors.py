@@ -21,6 +21,10 @@ class UserError(Exception):
 
     exit_code = USER_ERROR_EXIT_CODE
 
+    def __init__(self, message: object = "") -> None:
+        # one line whatever a quoted value holds: a line break in a flag value is shown, not obeyed
+        super().__init__(str(message).replace("\r", "\\r").replace("\n", "\\n"))
+
 
 class EnvironmentFailure(UserError):
     """The machine failed the run (full disk, unwritable or read-only folder): one line, exit 74, nothing lost."""
