@@ -73,9 +73,12 @@ def test_skip_step_skips_the_poisoned_update_counts_it_and_finishes_finite(tmp_p
 
 
 def test_skip_step_gives_up_after_too_many_in_a_row(tmp_path, cache_dir):
-    args = [*TINY_LM, "--nan_policy", "skip_step", "--max_nan_skips", "0"]
+    args = [*TINY_LM, "--nan_policy", "skip_step", "--max_nan_skips", "0", "--log_level", "warning"]
     result = Run(args, tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:2"}).run_expecting(3)
     assert "--max_nan_skips 0" in result.stderr
+    # --log_level warning: the ERROR line, and no INFO line on the console or in train.log
+    assert " INFO " not in result.stderr and " ERROR step 2: " in result.stderr
+    assert " INFO " not in (tmp_path / "train.log").read_text()
 
 
 def tensorboard_steps(out) -> tuple[list[int], int]:

@@ -88,6 +88,17 @@ def build_lm_corpus(cache: Path, validation_percentage: int = 5) -> dict[str, Pa
     return _write_splits(target, records)
 
 
+def _definitions(tree: ast.Module):
+    """Every statement, nested ones included, without visiting expressions: a `def` is always a statement, and
+    skipping the expression nodes makes this several times faster than `ast.walk`."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            stack.extend(getattr(node, field, None) or ())
+
+
 def _functions(path: Path, rel: str) -> list[dict]:
     try:
         source = path.read_text(encoding="utf-8")
@@ -98,7 +109,7 @@ def _functions(path: Path, rel: str) -> list[dict]:
         return []  # the stdlib ships a few deliberately broken files for its own tests
     lines = source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: quadratic
     out = []
-    for node in ast.walk(tree):
+    for node in _definitions(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             text = textwrap.dedent("".join(lines[node.lineno - 1 : node.end_lineno]))
             if text.count("\n") >= 3:  # one-liners carry too little signal
