@@ -304,3 +304,14 @@ def test_the_slurm_check_uses_step_and_save_times_measured_in_the_output_dir(tra
     finding = check_slurm(parse_config([*args, "--output_dir", str(out)]), 120, 10**12)[0]
     assert finding.level == "OK" and "per step (measured)" in finding.message
     assert f"per save (measured in {out})" in finding.message
+
+
+def test_planned_saves_are_counted_not_listed_so_a_huge_max_steps_costs_nothing(tmp_path):
+    from resumable.disk_space import planned_saves
+
+    for n, every, evals in [(100, 10, 25), (7, 3, 2), (12, 4, 6), (5, 0, 0), (9, 9, 0)]:
+        cfg = tiny(tmp_path, "--max_steps", str(n), "--checkpointing_steps", str(every), "--eval_steps", str(evals))
+        listed = {s for e in (every, evals) if e for s in range(e, n + 1, e)} | {n}
+        assert planned_saves(cfg) == len(listed), (n, every, evals)
+    huge = tiny(tmp_path, "--max_steps", str(10**21), "--checkpointing_steps", "500", "--eval_steps", "0")
+    assert planned_saves(huge) == 2 * 10**18  # it used to build a set of that many steps and run out of memory

@@ -109,11 +109,10 @@ def planned_saves(cfg: TrainConfig) -> int | None:
     An upper bound; None when the length depends on the data (epochs)."""
     if cfg.max_steps <= 0:
         return None
-    steps = set()
-    for every in (cfg.checkpointing_steps, cfg.eval_steps if cfg.keep_best else 0):
-        if every:
-            steps.update(range(every, cfg.max_steps + 1, every))
-    return len(steps | {cfg.max_steps})
+    n, every = cfg.max_steps, [e for e in (cfg.checkpointing_steps, cfg.eval_steps if cfg.keep_best else 0) if e]
+    # multiples of either period up to n (counted, not listed: --max_steps may be huge), plus the end
+    count = sum(n // e for e in every) - (n // math.lcm(*every) if len(every) == 2 else 0)
+    return count + (not any(n % e == 0 for e in every))
 
 
 def kept_checkpoints(cfg: TrainConfig) -> tuple[int | None, str]:
