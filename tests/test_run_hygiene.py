@@ -58,6 +58,9 @@ def test_a_nan_loss_stops_before_the_update_and_saves_nothing_after_it(tmp_path,
     assert "Traceback" not in result.stderr
     assert checkpoint_steps(tmp_path) == [2, 4]
     assert json.loads((tmp_path / "run_status.json").read_text())["status"] == "diverged"
+    # what the line advises: the same command with a lower --learning_rate resumes from that checkpoint
+    again = Run([*TINY_LM, "--checkpointing_steps", "2", "--learning_rate", "0.001"], tmp_path, cache_dir)
+    assert "Resuming from" in again.run_expecting(0).stderr and train_records(tmp_path)[4]["step"] == 5
 
 
 def test_skip_step_skips_the_poisoned_update_counts_it_and_finishes_finite(tmp_path, cache_dir):

@@ -124,7 +124,7 @@ def kept_checkpoints(cfg: TrainConfig) -> tuple[int | None, str]:
         saves = planned_saves(cfg)
         if saves is None:
             return None, "no --save_total_limit: every checkpoint is kept (unbounded)"
-        return saves, f"no --save_total_limit: all {saves} checkpoints of {cfg.max_steps} steps are kept"
+        return saves, f"no --save_total_limit: all {saves} checkpoints of {cfg.max_steps} steps"
     parts = [f"{cfg.save_total_limit} rolling"]
     kept = cfg.save_total_limit
     if cfg.keep_best:

@@ -82,10 +82,12 @@ def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int
     """Stop every rank without saving (the update was not applied, but nothing after it can be trusted either)."""
     if accelerator.is_main_process:
         latest = find_latest_checkpoint(out / "checkpoints", deep=False)
-        log.error(
-            f"{reason}; stopped before the update, nothing saved. Last good checkpoint: {latest or 'none yet'}. "
-            "Resume from it with a lower --learning_rate (--resume_from_checkpoint PATH), or use --nan_policy skip_step"
+        advice = (
+            f"Last good checkpoint: {latest}. Run the same command with a lower --learning_rate to resume from it"
+            if latest
+            else "No checkpoint yet. Run again with a lower --learning_rate"
         )
+        log.error(f"{reason}; stopped before the update, nothing saved. {advice}, or use --nan_policy skip_step")
         write_run_status(out, "diverged", EXIT_DIVERGED, step, reason=reason)
         if mirror:
             mirror.push_file("run_status.json")
