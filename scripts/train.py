@@ -57,17 +57,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg.output_dir = str(mirror.local_dir)
         pull_for_plan(cfg, mirror)  # every process calls it; a lock makes one of them download
     out = Path(cfg.output_dir)
-    if int(os.environ.get("RANK", "0")) == 0:
-        check_output_dir_writable(out)  # a read-only or unwritable output dir: one line now, not after start-up
     plan = plan_resume(cfg)  # continue, branch, start over, extend or nothing to do; before import-heavy work
     if plan.complete:
         log.info(plan.complete)
         if int(os.environ.get("RANK", "0")) == 0:
-            write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
-            if mirror:
-                mirror.push_file("run_status.json")
+            with contextlib.suppress(OSError):  # a finished run on a read-only mount is still finished
+                write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
+                if mirror:
+                    mirror.push_file("run_status.json")
         return EXIT_FINISHED
     resume_dir = plan.resume
+    check_output_dir_writable(out)  # every rank: a read-only output dir is one line now, not after start-up
 
     enable_cpu_distributed()
     import torch
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> int:
              f"of {bs} per process per epoch, global batch {world * bs * ga}, {total_steps} steps in total")  # fmt: skip
 
     # --- resume (the output dir is touched from here on)
+    require_disk(cfg, n_params, len(list(model.parameters())))  # every rank (so all exit 74 together), rank 0 logs
     accelerator.wait_for_everyone()  # every process has planned before anything is moved
     if is_main:
-        require_disk(cfg, n_params, len(list(model.parameters())))  # room for the kept checkpoints, or exit 74
         out.mkdir(parents=True, exist_ok=True)
         apply_plan(plan, out, mirror)  # a start-over moves the old train.log aside first
         log_to_file(out / "train.log")

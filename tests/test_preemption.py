@@ -139,6 +139,12 @@ def test_second_ctrl_c_aborts_at_once(tmp_path, cache_dir):
 
 
 def test_max_run_time_stops_before_the_budget_with_a_checkpoint(tmp_path, cache_dir):
+    from resumable.config import parse_config
+    from resumable.data import load_raw_datasets, load_tokenizer, tokenize_datasets
+
+    cfg = parse_config([*TINY_LM, "--output_dir", str(tmp_path / "warm"), "--cache_dir", str(cache_dir)])
+    raw = load_raw_datasets(cfg)
+    tokenize_datasets(cfg, raw, load_tokenizer(cfg, raw))  # all cached, as for any run but a user's first
     budget = 12.0
     args = [*TINY_LM, "--num_train_epochs", "400", "--max_run_time", f"{budget:g}s"]
     t0 = time.monotonic()

@@ -120,6 +120,21 @@ def test_round_trip_is_byte_identical(url, trained, tmp_path, s3, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_resume_pulls_train_log_only_when_missing_here_the_local_one_is_never_older(url, trained, tmp_path, s3):
+    _push_all(url, trained)
+    RemoteMirror(url, trained).push_file("train.log")
+    fresh = tmp_path / "new_machine"
+    RemoteMirror(url, fresh).pull_latest_valid()
+    assert (fresh / "train.log").read_bytes() == (trained / "train.log").read_bytes()  # a new machine gets it
+    same = tmp_path / "same_machine"  # after the last push: the stop line, an error line
+    shutil.copytree(trained, same)
+    with open(same / "train.log", "a") as fh:
+        fh.write("2026-12-02 10:00:00 ERROR error: logged after the last push\n")
+    RemoteMirror(url, same).pull_latest_valid()
+    assert (same / "train.log").read_text().endswith("ERROR error: logged after the last push\n")
+
+
+@pytest.mark.slow
 def test_upload_killed_half_way_is_skipped(url, trained, tmp_path, s3, monkeypatch, caplog):
     mirror = RemoteMirror(url, trained)
     mirror.push_checkpoint(trained / "checkpoints" / S4)

@@ -85,3 +85,9 @@ def test_pools_keep_what_they_want_and_never_lose_the_newest_or_best(policy, eve
                 if scored:
                     best = (max if policy.greater_is_better else min)(c.metric for c in scored)
                     assert any(c.step in kept for c in scored if c.metric == best)
+
+
+def test_a_nan_metric_is_never_best_and_never_pushes_the_real_best_out():
+    history = [CheckpointInfo(step_name(s), s, None, m) for s, m in [(4, 3.0), (8, float("nan")), (12, 2.5), (16, 2.9)]]
+    wanted = pools(history, RetentionPolicy(keep_last=1, keep_best=1))
+    assert "best" in wanted[step_name(12)] and not wanted[step_name(8)] and not wanted[step_name(4)]

@@ -99,8 +99,10 @@ def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTok
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)  # the same loading path for trained and pretrained ones
     except (OSError, ValueError) as err:  # offline without a cached copy, a folder without tokenizer files, ...
-        flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path"
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not (cfg.tokenizer_name or cfg.model_name_or_path):  # our own cache, damaged
+            raise UserError(f"trained tokenizer cache {name} is unreadable ({first}); delete that folder") from None
+        flag = "--tokenizer_name" if cfg.tokenizer_name else "--model_name_or_path"
         raise UserError(f"{flag} {name}: cannot load its tokenizer ({first})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

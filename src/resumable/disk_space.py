@@ -206,7 +206,7 @@ def check_disk(cfg: TrainConfig, checkpoint_bytes: int | None = None) -> list[Fi
 
 def require_disk(cfg: TrainConfig, num_parameters: int | None = None, num_tensors: int = 0) -> None:
     """For `scripts/train.py` at start (main process): raise `EnvironmentFailure` (exit 74) when the output dir is
-    not writable or cannot hold even one checkpoint. Too little room for every kept checkpoint is a WARNING: the
+    not writable or cannot hold even one checkpoint (an unknown or unbounded need is an INFO line). Too little room for every kept checkpoint is a WARNING: the
     run can still make progress, and a save that finds the disk full stops cleanly (exit 74, nothing lost)."""
     size = None if num_parameters is None else estimate_checkpoint_bytes(cfg, num_parameters, num_tensors)
     for finding in check_disk(cfg, size):
@@ -218,5 +218,5 @@ def require_disk(cfg: TrainConfig, num_parameters: int | None = None, num_tensor
                 continue
         if finding.level == "FAIL":
             raise EnvironmentFailure(f"{finding.check}: {finding.message}")
-        if finding.level == "WARN":
-            log.warning("%s: %s", finding.check, finding.message)
+        if finding.level == "WARN":  # unknown or unbounded, not short: preflight flags it, training just says it
+            log.info("%s: %s", finding.check, finding.message)

@@ -83,14 +83,16 @@ def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int
     if accelerator.is_main_process:
         latest = find_latest_checkpoint(out / "checkpoints", deep=False)
         advice = (
-            f"Last good checkpoint: {latest}. Run the same command with a lower --learning_rate to resume from it"
+            f"Last good checkpoint: {latest}. To resume from it, run with a lower --learning_rate (and "
+            "--resume_from_checkpoint latest if the command says none)"
             if latest
             else "No checkpoint yet. Run again with a lower --learning_rate"
         )
         log.error(f"{reason}; stopped before the update, nothing saved. {advice}, or use --nan_policy skip_step")
         write_run_status(out, "diverged", EXIT_DIVERGED, step, reason=reason)
         if mirror:
-            mirror.push_file("run_status.json")
+            for name in ("run_status.json", "train.log"):
+                mirror.push_file(name)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return EXIT_DIVERGED

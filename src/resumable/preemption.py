@@ -42,6 +42,9 @@ def _process_start() -> float:
     return time.monotonic() - max(age, 0.0)
 
 
+EXIT_RESERVE_S = 1.0  # fixed part of --max_run_time's reserve: negligible against real budgets (hours)
+
+
 class StopRequest:
     """Why this run should stop at the next step boundary (None: keep going)."""
 
@@ -101,9 +104,10 @@ class StopRequest:
             self.reason = f"--max_steps_per_run {self.max_steps_per_run} reached"
         elif self.max_run_time is not None:
             elapsed = time.monotonic() - self.started
-            # Leave room for the evaluation due now, one more step and the save, with a 1.5x margin for noise.
+            # Leave room for the evaluation due now, one more step and the save, with a 1.5x margin for noise, and a
+            # second for the exit itself (status file, teardown) and a machine busier than the steps measured so far.
             reserve = self.slowest_step + self.slowest_save + (self.slowest_eval if eval_due else 0.0)
-            if elapsed + 1.5 * reserve >= self.max_run_time:
+            if elapsed + 1.5 * reserve + EXIT_RESERVE_S >= self.max_run_time:
                 self.reason = f"--max_run_time budget ({self.max_run_time:.0f}s) nearly used"
 
     def eval_should_stop(self) -> bool:

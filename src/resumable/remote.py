@@ -36,6 +36,7 @@ from resumable.retention import CheckpointInfo, RetentionPolicy, pools
 log = get_logger(__name__)
 STEP_DIR = re.compile(r"step-(\d+)")
 PULLED_FILES = ("train_log.jsonl", "train.log", "run_status.json")  # the small files a resumed run continues from
+LOCAL_FIRST = ("train.log",)  # appended to after the last push (the stop, the error): a local copy is never older
 FINAL_FILES = ("final_metrics.json", "loss_curve.png", "train_log.jsonl", "train.log", "run_status.json")
 PUSHED = ".pushed"  # in the staging folder once it has pushed a checkpoint: its remote run existed
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (not imported: export pulls in matplotlib)
@@ -94,9 +95,7 @@ class RemoteMirror(ObjectStore):
             ]
             newest_local = max((int(f.name[5:]) for f in local_valid), default=-1)
             if pulled is not None and int(pulled[5:]) >= newest_local:  # else this folder holds the newer log
-                for fname in PULLED_FILES:
-                    if fname in sizes:
-                        self._get(self.local_dir / fname, fname)
+                self.fetch_files(PULLED_FILES, sizes)
             return pulled
 
     @contextlib.contextmanager
@@ -254,11 +253,12 @@ class RemoteMirror(ObjectStore):
         with self._lock():  # every process calls this
             return COMPLETE in self.fetch_files(("run_status.json", COMPLETE))
 
-    def fetch_files(self, names: tuple[str, ...]) -> set[str]:
-        """Download the named top-level files that exist remotely; return the names that did."""
-        sizes = self._sizes()
+    def fetch_files(self, names: tuple[str, ...], sizes: dict | None = None) -> set[str]:
+        """Download the named top-level files that exist remotely (a LOCAL_FIRST one only when it is missing here);
+        return the names that exist remotely."""
+        sizes = self._sizes() if sizes is None else sizes
         for fname in names:
-            if fname in sizes:
+            if fname in sizes and not (fname in LOCAL_FIRST and (self.local_dir / fname).exists()):
                 self._get(self.local_dir / fname, fname)
         return set(names) & set(sizes)
 
@@ -279,7 +279,7 @@ class RemoteMirror(ObjectStore):
             self._copy(("checkpoints", name), (dest, "checkpoints", name), recursive=True)
             self.delete_remote([name])
         ends = ("final_metrics.json", "loss_curve.png") + (
-            ("train_log.jsonl", "run_status.json") if after_step < 0 else ()
+            ("train_log.jsonl", "train.log", "run_status.json") if after_step < 0 else ()
         )
         sizes = self._sizes()
         if after_step >= 0 and "train_log.jsonl" in sizes:  # the abandoned line's log, kept beside it

@@ -54,13 +54,16 @@ def fresh_run_id(accelerator, cfg: TrainConfig) -> str:
     """The tracker run id of a run with no checkpoint yet, kept in `{output_dir}/tracker_run_id`: a run killed before
     its first checkpoint resumes the same W&B run instead of starting a second one. (A start-over moves the file
     aside with the rest of the run, so it gets a new id.)"""
-    path = Path(cfg.output_dir) / RUN_ID_FILE
-    if accelerator.is_main_process and not path.is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(secrets.token_hex(4))
-        tmp.replace(path)
-    accelerator.wait_for_everyone()
-    return path.read_text().strip()
+    from accelerate.utils import broadcast_object_list
+
+    path, run_id = Path(cfg.output_dir) / RUN_ID_FILE, [""]
+    if accelerator.is_main_process:
+        if not path.is_file():
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(secrets.token_hex(4))
+            tmp.replace(path)
+        run_id[0] = path.read_text().strip()
+    return broadcast_object_list(run_id)[0]  # other nodes may not see rank 0's output dir
 
 
 def set_peak_learning_rate(scheduler, learning_rate: float, step: int) -> str:

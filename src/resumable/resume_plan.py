@@ -263,7 +263,7 @@ def pull_for_plan(cfg: TrainConfig, mirror) -> None:
     if mirror.fetch_complete():
         if wants_more(cfg, read_complete(mirror.local_dir) or {}):
             mirror.pull_newest()
-            mirror.fetch_files(("train_log.jsonl",))  # the extension appends to the finished run's log
+            mirror.fetch_files(("train_log.jsonl", "train.log"))  # the extension appends to the finished run's logs
         return
     mirror.pull_latest_valid()
     if cfg.resume_from_checkpoint == "best" and (name := mirror.best_remote(RetentionPolicy.from_config(cfg))):

@@ -8,6 +8,7 @@ never leaves a half-deleted folder that looks like a checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ def pools(valid: list[CheckpointInfo], policy: RetentionPolicy) -> dict[str, set
         for c in ordered:
             if c.epochs_done and c.epochs_done % policy.keep_epoch_every == 0:
                 wanted[c.name].add("epoch")
-    scored = [c for c in ordered if c.metric is not None]
+    # a NaN metric (a diverged evaluation) is never best: sorted among numbers it could push the real best out
+    scored = [c for c in ordered if c.metric is not None and math.isfinite(c.metric)]
     if policy.keep_best and scored:
         sign = -1 if policy.greater_is_better else 1
         for c in sorted(scored, key=lambda c: (sign * c.metric, -c.step))[: policy.keep_best]:
