@@ -234,3 +234,11 @@ main()
     assert result.returncode == 74, result.stderr[-3000:]
     assert error_text(result.stderr).startswith(f"no space left on device while writing {tmp_path / 'disk'}/train.log")
     assert "Logging error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_finished_run_on_a_read_only_mount_is_still_already_complete(tmp_path, cache_dir):
+    with tmpfs(tmp_path / "disk", 64 * 2**20) as disk:
+        Run([*TINY_LM, "--max_steps", "2"], disk / "run", cache_dir).run_expecting(0)
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        result = Run([*TINY_LM, "--max_steps", "2"], disk / "run", cache_dir).run_expecting(0)
+    assert "already complete" in result.stderr and "Traceback" not in result.stderr
