@@ -1,5 +1,8 @@
 """Property: whatever value a flag gets, on the command line or in the YAML file, parsing either accepts it or fails
-with a UserError whose one line names that flag (or the file), never with another exception."""
+with a UserError whose one line names that flag (or the file), never with another exception.
+
+The examples are derandomized so that CI is reproducible; to explore new ones, drop `derandomize=True` locally and
+run it a few times (random runs found the three bugs these tests now guard)."""
 
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ def check(argv: list[str], name: str, where: str) -> None:
         assert f"--{name}" in message or where in message, (name, message)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(name=st.sampled_from(NAMES), value=VALUES)
 def test_any_command_line_value_parses_or_names_its_flag(tmp_path, name, value):
     if value.startswith("-") and not value.lstrip("-").replace(".", "").isdigit():
@@ -38,7 +43,9 @@ def test_any_command_line_value_parses_or_names_its_flag(tmp_path, name, value):
     check(["--output_dir", str(tmp_path / "out"), f"--{name}", value], name, "command line")
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(name=st.sampled_from(NAMES), value=st.one_of(VALUES, st.integers(), st.floats(), st.booleans()))
 def test_any_yaml_value_parses_or_names_its_flag_or_the_file(tmp_path, name, value):
     path = tmp_path / "c.yaml"
