@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.checkpoint import list_checkpoints, newer_format, read_manifest, verify_checkpoint
 from resumable.checkpoint_tools import UNUSABLE_EXIT_CODE, human, refuse_newer_format
+from resumable.disk import folder_bytes
 from resumable.errors import UserError, exit_on_user_error
 from resumable.export import COMPLETE
 from resumable.remote import is_remote
@@ -29,7 +30,6 @@ from resumable.retention import RetentionPolicy, describe, pools, remove_checkpo
 from resumable.run_dir import (
     MIRRORS,
     REMOTE_INVALID,
-    folder_bytes,
     leftovers,
     listed_bytes,
     manifest_or_none,
@@ -158,6 +158,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in SUMMARIES)
     if others:
         print(f"\nother files (not opened): {', '.join(others)}")
+    shards = sorted(p for p in folder.rglob("*") if p.is_file() and p.parent != folder)  # DeepSpeed's per-rank files
+    if shards:
+        print("\nshards (not opened):")
+        print("\n".join(f"  {p.relative_to(folder).as_posix()} ({human(p.stat().st_size)})" for p in shards))
     return UNUSABLE_EXIT_CODE if failed else 0
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
+from resumable.backend import make_backend, prepare_backend
 from resumable.checkpoint import amend_checkpoint, read_progress, save_checkpoint, step_name
 from resumable.config import cache_root, parse_config, parse_duration
 from resumable.disk import check_output_dir_writable, disk_full_exits
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     check_output_dir_writable(out)  # every rank: a read-only output dir is one line now, not after start-up
 
     enable_cpu_distributed()
+    accelerator_kwargs = prepare_backend(cfg)  # DeepSpeed on CPU: gloo; FSDP without GPUs: one line; --deterministic
     import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import ProjectConfiguration, set_seed
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from resumable.data import build_dataloaders, data_fingerprint, load_raw_datasets, load_tokenizer, tokenize_datasets
     from resumable.data_checks import label_names
     from resumable.disk_space import require_disk
-    from resumable.divergence import NanGuard, measure_and_clip, poison, skip_update, stop_diverged
+    from resumable.divergence import NanGuard, poison, skip_update, stop_diverged
     from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
     from resumable.modeling import build_model, check_model_limits
     from resumable.restore import restore
@@ -98,10 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         step_scheduler_with_optimizer=False,
         # shuffle order = f(seed, epoch): the only way a resumed epoch sees the same order
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        **accelerator_kwargs,
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_distributed(world)
-    log.info(f"{cfg.task} run in {out}: {world} process(es) on {accelerator.device}, precision "
+    backend = make_backend(accelerator, cfg)  # what DDP, DeepSpeed and FSDP do differently lives there
+    log.info(f"{cfg.task} run in {out}: {world} process(es) on {accelerator.device}, {backend.describe()}, precision "
              f"{accelerator.mixed_precision}; {describe(cfg.report_to, trackers)}")  # fmt: skip
 
     # --- data (nothing in the output dir changes before the data and the model are known to be usable)
@@ -127,14 +131,14 @@ def main(argv: list[str] | None = None) -> int:
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
     )
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: placeholders
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     batches_per_epoch = len(train_dl)  # per process, after sharding
     saved = read_progress(resume_dir) if resume_dir is not None else None
     total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
-    scheduler = accelerator.prepare(scheduler)
-    n_params = sum(p.numel() for p in model.parameters())
+    scheduler = backend.prepare_scheduler(scheduler, optimizer)
     log.info(f"Model: {n_params:,} parameters; {batches_per_epoch} micro-batches "
              f"of {bs} per process per epoch, global batch {world * bs * ga}, {total_steps} steps in total")  # fmt: skip
 
@@ -245,15 +249,15 @@ def main(argv: list[str] | None = None) -> int:
                 samples_log.append(
                     {"step": progress.step + 1, "epoch": progress.epoch, "samples": example_hashes(batch)}
                 )
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
+            with backend.micro_step(model, last_micro):
                 loss = poison(model(**batch).loss, progress.step + 1) / window  # the real window size, not ga
-                accelerator.backward(loss)
+                backend.backward(loss, last_micro)
             window_loss += loss.detach()
             micro += 1
             if not last_micro:
                 continue
             # --- optimizer step, once every rank knows the loss and gradients are finite
-            grad_norm = measure_and_clip(accelerator, model, cfg.max_grad_norm)
+            grad_norm = backend.clip_gradients(model)
             done = progress.step + 1 >= total_steps
             eval_due = done or bool(cfg.eval_steps and (progress.step + 1) % cfg.eval_steps == 0)
             stop.note_step(time.perf_counter() - t_step)
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             if bad:
                 skip_update(accelerator)
             else:
-                optimizer.step()
+                backend.step(optimizer)
             if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -321,11 +325,13 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.end_training()  # after the barrier: it destroys the process group
         return EXIT_REQUEUE
     save()
+    weights = backend.gather_weights(model)  # every rank: ZeRO-3/FSDP shards come together on rank 0
     if is_main:
         epochs = progress.epoch + progress.batches_in_epoch / batches_per_epoch
         final_metrics = finish_run(
             out,
             accelerator.unwrap_model(model),
+            weights,
             tokenizer,
             progress,
             baselines(cfg.task, train_ds, eval_ds),

@@ -68,7 +68,13 @@ class Run:
     """A training command run in new processes, tagged so that every process it spawns can be found and killed."""
 
     def __init__(
-        self, args: list[str], output_dir: Path, cache: Path, launcher: str = "python", env: dict | None = None
+        self,
+        args: list[str],
+        output_dir: Path,
+        cache: Path,
+        launcher: str = "python",
+        env: dict | None = None,
+        launch_args: tuple[str, ...] = (),
     ):
         self.output_dir = Path(output_dir)
         self.tag = uuid.uuid4().hex
@@ -79,7 +85,7 @@ class Run:
             self.cmd = [PYTHON, TRAIN, *full]
         else:
             cfg = REPO / "accelerate_configs" / f"{launcher}.yaml"
-            self.cmd = [ACCELERATE, "launch", "--config_file", str(cfg), TRAIN, *full]
+            self.cmd = [ACCELERATE, "launch", "--config_file", str(cfg), *launch_args, TRAIN, *full]
 
     def run(self, timeout: float = 300) -> subprocess.CompletedProcess:
         return subprocess.run(self.cmd, env=self.env, capture_output=True, text=True, timeout=timeout, cwd=REPO)

@@ -123,3 +123,20 @@ def test_kill_during_checkpoint_write_resumes_from_previous_complete_one(tmp_pat
     assert f"Resuming from {out / 'checkpoints' / f'step-{max(survivors):08d}'}" in result.stderr + result.stdout
     assert not (out / "checkpoints" / ".tmp-step-00000012").exists()  # the half-written folder is cleaned up
     assert_bitwise_same_run(ref, out)
+
+
+@pytest.mark.parametrize("launcher", ["python", "cpu_ddp"])
+def test_bf16_mixed_precision_on_cpu_resumes_bitwise(launcher, tmp_path, tmp_path_factory, cache_dir):
+    data = ["--max_train_samples", "72"] if launcher == "cpu_ddp" else []  # 9 batches per rank either way
+    fp32 = [*TINY_LM, *data]
+    # one process also runs --deterministic (torch's deterministic algorithms): it must train and resume the same
+    args = [*fp32, "--mixed_precision", "bf16", *(["--deterministic", "true"] if launcher == "python" else [])]
+    ref = reference(tmp_path_factory, cache_dir, args, launcher=launcher)
+    assert "precision bf16" in (ref / "train.log").read_text()
+    # really in bf16: the losses differ from the fp32 run's
+    assert [r["train/loss"] for r in train_records(ref)] != [
+        r["train/loss"] for r in train_records(reference(tmp_path_factory, cache_dir, fp32, launcher=launcher))
+    ]
+    out, survivors, _ = kill_and_resume(tmp_path, cache_dir, args, kill_after_step=14, launcher=launcher)
+    assert max(survivors) > 9
+    assert_bitwise_same_run(ref, out)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from resumable.backend import check_layout, layout
 from resumable.disk import disk_full_failure, folder_bytes, is_disk_full
 from resumable.errors import UserError
 from resumable.logs import get_logger
@@ -31,6 +32,7 @@ from resumable.manifest import (  # noqa: F401 (re-exported: the store's public 
     _sha256,
     _write_json,
     amend_checkpoint,
+    bad_file_name,
     commit_checkpoint,
     format_problem,
     fsync_files,
@@ -113,6 +115,7 @@ def _manifest_fields(accelerator: Accelerator, progress: Progress, extra: dict |
         "epochs_done": progress.epoch if progress.batches_in_epoch == 0 and progress.step else None,
         "samples_seen": progress.samples_seen,
         "world_size": accelerator.num_processes,
+        "layout": layout(accelerator),  # ddp (one full copy) or per-rank shards (backend.py)
         "per_device_train_batch_size": progress.per_device_train_batch_size,
         "gradient_accumulation_steps": progress.gradient_accumulation_steps,
         "metrics": progress.last_eval,
@@ -211,6 +214,7 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
     """
     refuse_newer_format(folder)
     progress = read_progress(folder)
+    check_layout(folder, read_manifest(folder).get("layout"), progress.world_size, accelerator)
     rank = accelerator.process_index
     try:  # accelerate loads with weights_only=True: a planted pickle payload is refused, not executed
         accelerator.load_state(str(folder))

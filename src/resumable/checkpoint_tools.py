@@ -110,7 +110,7 @@ def scheduler_summary(path: Path) -> list[str]:
 def manifest_summary(path: Path) -> list[str]:
     manifest = json.loads(path.read_text())
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.get("created", 0)))
-    keys = ("step", "epoch", "epochs_done", "samples_seen", "world_size", "per_device_train_batch_size",
+    keys = ("step", "epoch", "epochs_done", "samples_seen", "world_size", "layout", "per_device_train_batch_size",
             "gradient_accumulation_steps")  # fmt: skip
     lines = [_pairs({k: manifest.get(k) for k in keys}), f"created {created}"]
     if manifest.get("metrics"):
@@ -234,11 +234,26 @@ def rebuild_model(checkpoint: Path, tokenizer, settings: dict, cache_dir: str | 
     return AUTO_MODEL[task].from_config(config)
 
 
-def load_weights(model: torch.nn.Module, path: Path) -> None:
-    """Load model.safetensors into `model`; only weights tied to a loaded one may be missing (accelerate drops them)."""
+def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """The model weights a verified checkpoint holds, and the file they came from. A DeepSpeed checkpoint keeps
+    them in per-rank shards (`pytorch_model/`): DeepSpeed's own consolidation gives the fp32 master weights."""
+    if (checkpoint / "pytorch_model").is_dir():
+        import contextlib
+        import io
+
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per shard it reads
+            weights = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model")
+        return dict(weights), checkpoint / "pytorch_model"
     from safetensors.torch import load_file
 
-    weights = load_file(str(path))
+    return load_file(str(checkpoint / WEIGHTS)), checkpoint / WEIGHTS
+
+
+def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load `weights` (read from `path`) into `model`; only weights tied to a loaded one may be missing (accelerate
+    and DeepSpeed drop them)."""
     try:
         result = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # shape mismatches raise even with strict=False
@@ -279,6 +294,6 @@ def export_checkpoint(
     settings = read_manifest(checkpoint).get("settings") or {}
     tokenizer = find_tokenizer(checkpoint, settings, tokenizer_dir, cache_dir)
     model = rebuild_model(checkpoint, tokenizer, settings, cache_dir)
-    load_weights(model, checkpoint / WEIGHTS)
+    load_weights(model, *checkpoint_weights(checkpoint))  # after the verification: DeepSpeed's files are pickles
     target.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained_atomically(model, tokenizer, target)

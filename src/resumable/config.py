@@ -55,6 +55,7 @@ class TrainConfig:
     num_labels: int = _f(2, "Number of classes (sequence_classification).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.")
     mixed_precision: Literal["no", "fp16", "bf16"] | None = _f(None, "Override the launch config's precision.")
+    deterministic: bool = _f(False, "Deterministic GPU kernels (bitwise-repeatable runs and resumes; slower).")
     # --- Data
     dataset_name: str | None = _f(None, "Hub dataset id (needs network); default: the embedded stdlib corpus.")
     dataset_config_name: str | None = _f(None, "Hub dataset configuration name.")

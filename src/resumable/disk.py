@@ -61,9 +61,9 @@ def free_bytes(path: Path) -> int | None:
 
 
 def folder_bytes(folder: Path) -> int:
-    """Bytes of the files directly in `folder` (0 if it is gone)."""
+    """Bytes of the files in `folder`, subfolders included (0 if it is gone)."""
     try:
-        return sum(p.stat().st_size for p in Path(folder).iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
     except OSError:
         return 0
 

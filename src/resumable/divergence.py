@@ -50,19 +50,22 @@ class NanGuard:
         self.policy, self.max_skips = policy, max_skips
         self.scaler_active = scaler_active  # fp16: an inf gradient is the loss scaler's business (it skips the step)
 
-    def local_flag(self, window_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    def local_flag(self, window_loss: torch.Tensor, grad_norm: torch.Tensor | None) -> torch.Tensor:
+        """1.0 if this rank saw a non-finite loss or gradient norm (None: the backend measures the norm in its own
+        step, DeepSpeed; the loss is checked)."""
         bad = ~torch.isfinite(window_loss)
-        if not self.scaler_active:
+        if not self.scaler_active and grad_norm is not None:
             bad |= ~torch.isfinite(grad_norm.to(window_loss.device))
         return bad.float()
 
-    def diverged(self, bad: bool, progress, loss: float, grad_norm: torch.Tensor) -> str:
+    def diverged(self, bad: bool, progress, loss: float, grad_norm: torch.Tensor | None) -> str:
         """Called with the ranks' agreed flag for the update about to happen. Returns "" to go on (the caller skips
         the update when `bad`), or the line that stops the run."""
         if not bad:
             progress.nonfinite_in_a_row = 0
             return ""
-        what = f"step {progress.step + 1}: loss {loss:g}, gradient norm {grad_norm.item():g}"
+        norm = "not measured before the update" if grad_norm is None else f"{grad_norm.item():g}"
+        what = f"step {progress.step + 1}: loss {loss:g}, gradient norm {norm}"
         if self.policy == "stop":
             return f"{what}: not finite (--nan_policy stop)"
         progress.nonfinite_in_a_row += 1

@@ -14,11 +14,12 @@ from resumable.preemption import EXIT_FINISHED, write_run_status
 COMPLETE = "COMPLETE"
 
 
-def save_pretrained_atomically(model, tokenizer, target: Path) -> None:
-    """`save_pretrained` into a temporary folder, then swap it in: a kill never leaves a half-written model."""
+def save_pretrained_atomically(model, tokenizer, target: Path, state_dict: dict | None = None) -> None:
+    """`save_pretrained` into a temporary folder, then swap it in: a kill never leaves a half-written model.
+    `state_dict`: the weights to write when `model` holds only shards (ZeRO-3, FSDP)."""
     tmp, old = target.with_name(f".tmp-{target.name}"), target.with_name(f".old-{target.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         fit_model_max_length(tokenizer, model.config)
         tokenizer.save_pretrained(tmp)
@@ -41,9 +42,12 @@ def fit_model_max_length(tokenizer, config) -> None:
         tokenizer.model_max_length = limit
 
 
-def finish_run(out: Path, model, tokenizer, progress: Progress, extra_metrics: dict, complete: dict) -> dict:
-    """Write final/, final_metrics.json, loss_curve.png, then COMPLETE last. Main process only."""
-    save_pretrained_atomically(model, tokenizer, out / "final")
+def finish_run(
+    out: Path, model, weights: dict | None, tokenizer, progress: Progress, extra_metrics: dict, complete: dict
+) -> dict:
+    """Write final/, final_metrics.json, loss_curve.png, then COMPLETE last. Main process only. `weights`: the
+    gathered state dict when the model is sharded (else None: the model's own)."""
+    save_pretrained_atomically(model, tokenizer, out / "final", weights)
     metrics = {
         "step": progress.step,
         "epoch": progress.epoch,

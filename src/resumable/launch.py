@@ -14,8 +14,8 @@ def enable_cpu_distributed() -> None:
     to the workers; on a machine without GPUs each worker then trains alone, believing it is rank 0 of 1.
     Setting ACCELERATE_USE_CPU before the Accelerator exists makes them form one gloo process group.
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        import torch
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        import torch  # (not under DeepSpeed: ACCELERATE_USE_CPU would make accelerate silently drop it for DDP)
 
         if not torch.cuda.is_available():
             os.environ.setdefault("ACCELERATE_USE_CPU", "1")

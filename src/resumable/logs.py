@@ -28,6 +28,8 @@ QUIET = (
     ("accelerate.utils.other", "Removed shared tensor"),
     # transformers finds no loss name in GPT2LMHeadModel's class name and falls back to the causal LM loss it is
     ("transformers.modeling_utils", "`loss_type=None` was set in the config but it is unrecognized"),
+    # DeepSpeed on a machine without a GPU, where the CPU is what the launch config asked for
+    ("DeepSpeed", "Setting accelerator to CPU"),
 )
 
 

@@ -8,6 +8,9 @@ crash or a full disk never leaves a half-written `step-*` folder.
 Format history (bump FORMAT when a reader of the old version would misread a new checkpoint; every format keeps
 `format` and `manifest_sha256` as they are, so an old reader tells a newer checkpoint from a corrupted one):
   1  the first; manifests written before the field existed have no "format" and are format 1.
+  2  file names may be relative paths into subfolders (DeepSpeed's per-rank shards in `pytorch_model/`): a format 1
+     reader would refuse them as "outside its folder" and fall back to an older checkpoint. Flat checkpoints are
+     still written as format 1, so older versions keep reading what they can.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
     from resumable.checkpoint import Progress
 
 MANIFEST, PROGRESS = "manifest.json", "progress.json"
-FORMAT = 1  # the newest checkpoint format this version writes and reads
+FORMAT = 2  # the newest checkpoint format this version writes and reads
 
 
 def _sha256(path: Path) -> str:
@@ -45,11 +48,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def state_files(folder: Path) -> list[Path]:
+    """Every file under `folder` (subfolders included: DeepSpeed writes its shards into one), manifest excluded."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
+
+
 def _hash_files(folder: Path) -> dict[str, dict]:
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    files = state_files(folder)
     with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL
         digests = list(pool.map(_sha256, files))
-    return {p.name: {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+    return {p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": d} for p, d in zip(files, digests)}
+
+
+def bad_file_name(name: object) -> bool:
+    """A manifest entry that is not a plain relative path inside the checkpoint (absolute, `..`, empty parts)."""
+    if not isinstance(name, str) or not name or "\\" in name or name.startswith("/"):
+        return True
+    return any(part in ("", ".", "..") for part in name.split("/"))
 
 
 def manifest_digest(manifest: dict) -> str:
@@ -65,9 +80,11 @@ def _write_json(path: Path, obj: dict) -> None:
 
 
 def fsync_files(folder: Path) -> None:
-    for p in folder.iterdir():
+    for p in state_files(folder):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
+    for sub in {p.parent for p in state_files(folder)} - {folder}:
+        _fsync_dir(sub)
 
 
 def swap_in(tmp: Path, final: Path) -> None:
@@ -91,7 +108,9 @@ def commit_checkpoint(tmp: Path, final: Path, step: int, fields: dict) -> None:
     fsync_files(tmp)  # other ranks' files too: one fsync pass on the node that commits
     inject_fault("kill_before_manifest", step)
     inject_fault("sigterm_during_save", step)
-    manifest = {"format": FORMAT, "step": step, "created": time.time(), **fields, "files": _hash_files(tmp)}
+    files = _hash_files(tmp)
+    fmt = FORMAT if any("/" in name for name in files) else 1  # flat checkpoints stay readable by older versions
+    manifest = {"format": fmt, "step": step, "created": time.time(), **fields, "files": files}
     manifest["manifest_sha256"] = manifest_digest(manifest)
     _write_json(tmp / MANIFEST, manifest)
     _fsync_dir(tmp)
@@ -125,6 +144,7 @@ def _write_amended(folder: Path, tmp: Path, manifest: dict, progress: Progress) 
     tmp.mkdir()
     for name in manifest["files"]:
         if name != PROGRESS:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.link(folder / name, tmp / name)
             except OSError:
@@ -190,7 +210,7 @@ def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
     if PROGRESS not in files:
         return f"{MANIFEST} lists no {PROGRESS}"
     for name, meta in files.items():
-        if "/" in name or "\\" in name or name in ("", ".", ".."):
+        if bad_file_name(name) or (manifest.get("format", 1) < 2 and "/" in name):
             return f"{MANIFEST} names a path outside its folder: {name!r}"
         path = folder / name
         if not path.is_file():

@@ -90,6 +90,7 @@ class ObjectStore:
     def _get(self, local: Path, *parts: str) -> None:
         """Download to `local` through a temporary name: a kill never leaves a truncated file under the real one."""
         rpath, tmp = self._remote(*parts), local.with_name(f".part-{local.name}")
+        local.parent.mkdir(parents=True, exist_ok=True)  # a shard in a subfolder (DeepSpeed's pytorch_model/)
         self._retry(f"download {rpath}", self.fs.get_file, rpath, str(tmp))
         os.replace(tmp, local)
 
@@ -98,15 +99,25 @@ class ObjectStore:
         with contextlib.suppress(FileNotFoundError):  # already gone: deleting is idempotent
             self._retry(f"delete {rpath}", self.fs.rm, rpath, recursive)
 
-    def _sizes(self, *parts: str) -> dict[str, int]:
-        """File name -> size of the objects directly in a remote folder (empty if there is none)."""
+    def _sizes(self, *parts: str, recursive: bool = False) -> dict[str, int]:
+        """File name -> size of the objects directly in a remote folder (empty if there is none); `recursive`: every
+        object below it, named by its path relative to the folder (a checkpoint's shards in subfolders)."""
         rpath = self._remote(*parts)
         self.fs.invalidate_cache(rpath)  # listings are cached per filesystem instance; another process may write
         try:
-            entries = self._retry(f"list {rpath}", self.fs.ls, rpath, True)
+            if recursive:
+                found = self._retry(f"list {rpath}", self.fs.find, rpath, None, False, True)
+                entries = list(found.values())
+            else:
+                entries = self._retry(f"list {rpath}", self.fs.ls, rpath, True)
         except FileNotFoundError:
             return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"] for e in entries if e["type"] == "file"}
+        prefix = rpath.rstrip("/") + "/"  # the root has no protocol: fsspec names objects the same way
+        return {
+            e["name"][len(prefix) :] if recursive else e["name"].rstrip("/").rsplit("/", 1)[-1]: e["size"]
+            for e in entries
+            if e["type"] == "file" and (not recursive or e["name"].startswith(prefix))
+        }
 
     def exists(self, name: str) -> bool:
         return name in self._sizes()

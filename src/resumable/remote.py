@@ -22,6 +22,7 @@ from pathlib import Path
 
 from resumable.checkpoint import (
     MANIFEST,
+    bad_file_name,
     fsync_files,
     list_checkpoints,
     manifest_digest,
@@ -150,9 +151,9 @@ class RemoteMirror(ObjectStore):
         files = manifest.get("files")
         if not isinstance(files, dict) or not files:
             return raw, manifest, f"{MANIFEST} lists no files"
-        sizes = self._sizes("checkpoints", name)
+        sizes = self._sizes("checkpoints", name, recursive=True)
         for fname, meta in files.items():
-            if Path(fname).name != fname or fname in ("", ".", ".."):
+            if bad_file_name(fname) or (manifest.get("format", 1) < 2 and "/" in fname):
                 return raw, manifest, f"{MANIFEST} names a path outside its folder: {fname!r}"
             if fname not in sizes:
                 return raw, manifest, f"{fname} missing"
@@ -191,7 +192,7 @@ class RemoteMirror(ObjectStore):
         self._rm("checkpoints", name, MANIFEST)
         for fname in manifest["files"]:
             self._put(local_folder / fname, "checkpoints", name, fname)
-        stale = set(self._sizes("checkpoints", name)) - set(manifest["files"])
+        stale = set(self._sizes("checkpoints", name, recursive=True)) - set(manifest["files"]) - {MANIFEST}
         for fname in sorted(stale):  # e.g. random_states_3.pkl of an earlier run with more processes
             self._rm("checkpoints", name, fname)
         self._put(local_folder / MANIFEST, "checkpoints", name, MANIFEST)

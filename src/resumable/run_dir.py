@@ -67,10 +67,6 @@ def open_checkpoint(arg: str) -> Path:
     raise UserError(f"{arg}: not a checkpoint folder (no {MANIFEST}); pass one of step-* folders{hint}")
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file()) if folder.is_dir() else 0
-
-
 def manifest_or_none(folder: Path) -> dict | None:
     try:
         manifest = read_manifest(folder)

@@ -1,0 +1,203 @@
+"""What differs between backends, in one place: one process / DDP, DeepSpeed ZeRO, FSDP.
+
+The loop calls the same few things whatever the launch config: `micro_step` + `backward` per micro-batch,
+`clip_gradients` and `step` per optimizer update, `gather_weights` at the end. Here is what each means:
+- DDP (and one process): accelerate's own calls; `no_sync` keeps all-reduces to the window's last micro-batch.
+- DeepSpeed: the engine is driven directly. accelerate's `backward` would run `engine.step()` on every micro-batch
+  our loop does not mark (its `sync_gradients` is always true without `accelerator.accumulate`) and divides the
+  loss by DeepSpeed's own accumulation count; here the loop marks the window's last micro-batch as the boundary,
+  scales the loss by the window's real size itself (the epoch's short last window too) and steps the engine only
+  after every rank agreed the update may happen. Clipping to --max_grad_norm happens inside DeepSpeed's step.
+  The scheduler, prepared apart from the model, is registered so that `save_state` keeps it (accelerate saves
+  only the schedulers it wrapped together with the engine).
+- FSDP: accelerate's calls; GPUs only (refused on CPU before any work), the final model gathered from shards.
+The checkpoint records which layout it holds (`layout`): sharded states resume only on the same backend and the
+same number of processes, refused in one line otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from resumable.errors import UserError
+
+DEEPSPEED_ENV, FSDP_ENV = "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"  # set by `accelerate launch`
+
+
+def launched_backend() -> str:
+    """The backend `accelerate launch` asked for: deepspeed, fsdp or ddp (one process and DDP alike)."""
+    if os.environ.get(DEEPSPEED_ENV, "").lower() == "true":
+        return "deepspeed"
+    if os.environ.get(FSDP_ENV, "").lower() == "true":
+        return "fsdp"
+    return "ddp"
+
+
+def prepare_backend(cfg) -> dict:
+    """Before the Accelerator (and CUDA) exists: refuse what cannot work, set determinism; returns Accelerator kwargs."""
+    if cfg.deterministic:  # must precede the first cuBLAS call; the Slurm teams exported the same variable
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    kind, cuda = launched_backend(), torch.cuda.is_available()
+    if kind == "fsdp" and not cuda:
+        raise UserError(
+            "an FSDP launch config needs GPUs and none is visible (FSDP does not run on CPU); use "
+            "accelerate_configs/cpu_ddp.yaml or deepspeed_zero2.yaml/deepspeed_zero3.yaml on CPU"
+        )
+    if kind != "deepspeed":
+        return {}
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        raise UserError(
+            "ACCELERATE_USE_CPU is set with a DeepSpeed launch config: accelerate would silently train plain DDP "
+            "instead; unset it (DeepSpeed finds the CPU by itself when there is no GPU)"
+        )
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "the launch config asks for DeepSpeed, which is not installed: pip install -e '.[deepspeed]'"
+        ) from None
+    if cfg.nan_policy == "skip_step":
+        raise UserError(
+            "--nan_policy skip_step is not supported under DeepSpeed (the update happens inside its engine); "
+            "use --nan_policy stop"
+        )
+    # The engine steps the optimizer itself, so torch's order check only ever sees the scheduler step; and DeepSpeed's
+    # own collectives call deprecated torch names. Neither is something a user can act on.
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
+    # DeepSpeed JIT-compiles its CPU communication op with ninja: the venv's ninja is on PATH only when activated
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    if cuda:
+        return {}
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}  # DeepSpeed's default on CPU is oneCCL
+
+
+def layout(accelerator) -> str:
+    """What a checkpoint of this run holds: `ddp` (one full copy), `deepspeed-zero{N}` or `fsdp` (per-rank shards)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    return "fsdp" if accelerator.distributed_type == DistributedType.FSDP else "ddp"
+
+
+def check_layout(folder: Path, saved: str | None, saved_world: int, accelerator) -> None:
+    """Refuse, in one line, a checkpoint this launch cannot load exactly: another backend, or shards of another
+    number of processes. (DDP checkpoints resume on any number of processes: see restore.py.)"""
+    saved, now, world = saved or "ddp", layout(accelerator), accelerator.num_processes
+    export = (
+        f"or export it (python scripts/checkpoints.py export {folder} --to DIR) and start a new run from it "
+        "with --model_name_or_path DIR --output_dir NEW"
+    )
+    if saved != now:
+        raise UserError(
+            f"{folder} was saved under {saved} and this launch is {now}: resume it with the launch config it was "
+            f"trained with, {export}"
+        )
+    if saved != "ddp" and saved_world != world:
+        raise UserError(
+            f"{folder} holds {saved} shards of {saved_world} processes and this launch has {world}: resume it with "
+            f"--num_processes {saved_world}, {export}"
+        )
+
+
+class Backend:
+    """One process or DDP: accelerate's own calls."""
+
+    def __init__(self, accelerator, cfg):
+        self.accelerator, self.cfg = accelerator, cfg
+
+    def describe(self) -> str:
+        return layout(self.accelerator)
+
+    def prepare_scheduler(self, scheduler, optimizer):
+        return self.accelerator.prepare(scheduler)
+
+    def micro_step(self, model, last_micro: bool):
+        """Context for one micro-batch's forward and backward: gradients are synchronised on the window's last."""
+        return contextlib.nullcontext() if last_micro else self.accelerator.no_sync(model)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_gradients(self, model) -> torch.Tensor | None:
+        """The global gradient norm, clipped to --max_grad_norm when > 0 (None where the backend measures it later)."""
+        from resumable.divergence import measure_and_clip
+
+        return measure_and_clip(self.accelerator, model, self.cfg.max_grad_norm)
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def gather_weights(self, model) -> dict | None:
+        """Every rank calls this at the end: the full state dict for final/ where it is sharded, else None."""
+        return None
+
+
+class FSDPBackend(Backend):
+    def gather_weights(self, model) -> dict | None:
+        return self.accelerator.get_state_dict(model)  # a collective: every rank takes part, rank 0 gets the dict
+
+
+class DeepSpeedBackend(Backend):
+    def __init__(self, accelerator, cfg):
+        super().__init__(accelerator, cfg)
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        accumulation = ds.get("gradient_accumulation_steps", "auto")
+        if accumulation not in ("auto", 1):
+            raise UserError(
+                f"the DeepSpeed launch config sets gradient_accumulation_steps {accumulation}: set it to 1 and use "
+                "--gradient_accumulation_steps (train.py accumulates, so that a short last window is scaled right)"
+            )
+        ds["gradient_accumulation_steps"] = 1
+        ds["train_micro_batch_size_per_gpu"] = cfg.per_device_train_batch_size
+        ds["gradient_clipping"] = cfg.max_grad_norm  # one source of truth: --max_grad_norm (0: no clipping)
+
+    def describe(self) -> str:
+        return f"DeepSpeed ZeRO-{self.accelerator.state.deepspeed_plugin.zero_stage}"
+
+    @property
+    def engine(self):
+        return self.accelerator.deepspeed_engine_wrapped.engine
+
+    def prepare_scheduler(self, scheduler, optimizer):
+        from accelerate.scheduler import AcceleratedScheduler
+
+        wrapped = AcceleratedScheduler(scheduler, optimizer, step_with_optimizer=False)
+        self.accelerator._schedulers.append(wrapped)  # what save_state/load_state keep as scheduler.bin
+        return wrapped
+
+    def micro_step(self, model, last_micro: bool):
+        return contextlib.nullcontext()  # ZeRO reduces gradients into partitions itself; the boundary tells it when
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        self.engine.set_gradient_accumulation_boundary(last_micro)
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop already divided by the window's real size
+
+    def clip_gradients(self, model) -> torch.Tensor | None:
+        return None  # DeepSpeed clips (gradient_clipping = --max_grad_norm) and measures the norm inside its step
+
+    def step(self, optimizer) -> None:
+        self.engine.step()
+
+    def gather_weights(self, model) -> dict | None:
+        if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            return self.accelerator.get_state_dict(model)  # gathers the partitions on rank 0 (every rank calls)
+        return None  # ZeRO-1/2 keep whole parameters on every rank
+
+
+def make_backend(accelerator, cfg) -> Backend:
+    """The backend of this launch; call before `accelerator.prepare` (DeepSpeed's config is completed here)."""
+    kind = layout(accelerator)
+    return (DeepSpeedBackend if kind.startswith("deepspeed") else FSDPBackend if kind == "fsdp" else Backend)(
+        accelerator, cfg
+    )
