@@ -65,16 +65,16 @@ def test_a_zero_launch_really_runs_deepspeed_and_trains_like_ddp(stage, tmp_path
 
 def _stop_first_run(stage: int, out: Path, cache_dir: Path) -> None:
     """ZeRO-2: the step budget stops it; ZeRO-3: a SIGTERM to every process. Either way exit 75, checkpointed."""
-    if stage == 2:
-        Run([*DS_LM, "--max_steps_per_run", "2"], out, cache_dir, zero(stage)).run_expecting(75)
+    if stage == 2:  # torchrun reports the workers' 75 as 1: run_status.json says what they returned
+        assert Run([*DS_LM, "--max_steps_per_run", "2"], out, cache_dir, zero(stage)).run().returncode != 0
     else:
         run = Run(DS_LM, out, cache_dir, zero(stage))
         run.start()
         run.wait_for_step(2)
         run.signal_all(signal.SIGTERM)
         assert run.proc.wait(timeout=120) != 0
-        status = json.loads((out / "run_status.json").read_text())
-        assert status["exit_code"] == 75 and status["state"] == "requeue", status
+    status = json.loads((out / "run_status.json").read_text())
+    assert status["exit_code"] == 75 and status["status"] == "requeue", status
     assert checkpoint_steps(out)
 
 
@@ -168,20 +168,23 @@ def test_a_zero_checkpoint_on_another_process_count_or_backend_is_refused_in_one
     shutil.copytree(ref, out)
     (out / "COMPLETE").unlink()  # an unfinished run (asking for more steps would extend it: same check)
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    one = Run(DS_LM, out, cache_dir, zero(2), launch_args=("--num_processes", "1")).run_expecting(2)
+    # (under DeepSpeed even one process runs under torchrun, which reports the worker's exit 2 as 1)
+    one = Run(DS_LM, out, cache_dir, zero(2), launch_args=("--num_processes", "1")).run_expecting(1)
     assert "holds deepspeed-zero2 shards of 2 processes and this launch has 1: resume it with --num_processes 2" in (
         one.stderr
     )
     ddp = Run(DS_LM, out, cache_dir, "cpu_ddp").run_expecting(1)  # torchrun reports the workers' exit 2 as 1
     assert "was saved under deepspeed-zero2 and this launch is ddp" in ddp.stderr
     for result in (one, ddp):
-        assert "Traceback" not in result.stderr.split("ChildFailedError")[0]  # the launcher's own report follows
+        ours = result.stderr.split("elastic/multiprocessing/api.py")[0]  # torchrun's own report follows
+        assert "Traceback" not in ours and "exitcode: 2" in result.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
 def test_a_zero_run_on_an_s3_output_dir_resumes_bitwise_from_the_bucket(tmp_path, tmp_path_factory, cache_dir, s3, url):  # noqa: F811
     ref = reference(tmp_path_factory, cache_dir, DS_LM, launcher=zero(2))
-    Run([*DS_LM, "--max_steps_per_run", "5"], url, cache_dir, zero(2)).run_expecting(75)
+    assert Run([*DS_LM, "--max_steps_per_run", "5"], url, cache_dir, zero(2)).run().returncode != 0
+    assert s3.exists(f"{url}/checkpoints/step-00000005/manifest.json")
     shutil.rmtree(staging_dir(url, cache_dir))  # a new machine: only the bucket has the run
     result = ok(Run(DS_LM, url, cache_dir, zero(2)).run())
     assert "Resuming from" in result.stdout + result.stderr
