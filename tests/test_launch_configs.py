@@ -49,3 +49,44 @@ def test_each_preset_names_launch_configs_that_exist(preset):
     assert named, f"{preset.name} says which launch config to use"
     for name in named:
         assert (REPO / "accelerate_configs" / name).is_file(), f"{preset.name} names a missing {name}"
+
+
+def _cfg(tmp_path, *extra: str):
+    from conftest import TINY_LM
+
+    from resumable.config import parse_config
+
+    return parse_config([*TINY_LM, "--output_dir", str(tmp_path / "out"), *extra])
+
+
+def test_backend_preparation_refuses_what_cannot_work_in_one_line(tmp_path, monkeypatch):
+    import torch
+
+    from resumable.backend import prepare_backend
+    from resumable.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(UserError, match="FSDP launch config needs GPUs"):
+        prepare_backend(_cfg(tmp_path))
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    assert prepare_backend(_cfg(tmp_path)) == {}  # DDP / one process: nothing to add
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    (handler,) = prepare_backend(_cfg(tmp_path))["kwargs_handlers"]
+    assert handler.backend == "gloo"  # DeepSpeed's own default on CPU would be oneCCL
+    with pytest.raises(UserError, match="--nan_policy skip_step is not supported under DeepSpeed"):
+        prepare_backend(_cfg(tmp_path, "--nan_policy", "skip_step"))
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with pytest.raises(UserError, match="would silently train plain DDP"):
+        prepare_backend(_cfg(tmp_path))
+
+
+@pytest.mark.slow
+def test_an_fsdp_launch_without_gpus_stops_with_one_line(tmp_path, cache_dir):
+    from conftest import TINY_LM, Run
+
+    result = Run(TINY_LM, tmp_path / "run", cache_dir, "fsdp", launch_args=("--num_processes", "2")).run()
+    assert result.returncode != 0
+    assert "error: an FSDP launch config needs GPUs and none is visible" in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -208,6 +208,18 @@ def test_a_multi_process_config_is_really_distributed_on_cpu_and_needs_its_gpus_
     assert launch.level == "FAIL" and "4 processes per machine but 1 GPU(s) here" in launch.message
 
 
+def test_deepspeed_runs_on_cpu_over_gloo_but_not_with_use_cpu_and_fsdp_needs_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    launch = check_accelerate_config(tiny(tmp_path), CONFIGS / "deepspeed_zero3.yaml")[0]
+    assert launch.level == "OK" and "DeepSpeed ZeRO-3, 2 CPU processes over gloo" in launch.message
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    launch = check_accelerate_config(tiny(tmp_path), CONFIGS / "deepspeed_zero2.yaml")[0]
+    assert launch.level == "FAIL" and "accelerate runs plain DDP" in launch.message
+    launch = check_accelerate_config(tiny(tmp_path), CONFIGS / "fsdp.yaml")[0]
+    assert launch.level == "FAIL" and "FSDP on CPU does not start" in launch.message
+
+
 def test_an_unloadable_launch_config_is_a_blocker(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("distributed_type: NO\nnum_processes: 1\nnot_an_accelerate_key: 3\n")

@@ -118,11 +118,15 @@ def _distribution(cc, cuda: bool) -> Finding:
             return Finding("WARN", "launch", f"num_processes {n} with distributed_type NO: one process runs")
         unused = ", use_cpu: true leaves the GPU unused" if cuda and cc.use_cpu else ""
         return Finding("OK", "launch", f"not distributed: 1 process{unused}")
-    if kind in ("DEEPSPEED", "FSDP") and not cuda:
-        why = "DeepSpeed on CPU may run as plain DDP" if kind == "DEEPSPEED" else "FSDP on CPU does not start"
-        return Finding("FAIL" if kind == "FSDP" else "WARN", "launch", f"{kind} without a GPU: {why}")
+    if kind == "FSDP" and not cuda:
+        return Finding("FAIL", "launch", "FSDP without a GPU: FSDP on CPU does not start")
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         return Finding("FAIL", "launch", "distributed_type DEEPSPEED but deepspeed is not installed")
+    if kind == "DEEPSPEED" and (cc.use_cpu or os.environ.get("ACCELERATE_USE_CPU")):
+        return Finding("FAIL", "launch", "DEEPSPEED with use_cpu / ACCELERATE_USE_CPU: accelerate runs plain DDP")
+    if kind == "DEEPSPEED" and not cuda:  # train.py joins the processes over gloo (backend.py)
+        stage = (cc.deepspeed_config or {}).get("zero_stage")
+        return Finding("OK", "launch", f"really distributed: DeepSpeed ZeRO-{stage}, {n} CPU processes over gloo")
     if kind in ("MULTI_GPU", "DEEPSPEED", "FSDP") and cuda and not cc.use_cpu:
         import torch
 
