@@ -47,7 +47,8 @@ def s3():
         mp.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
         s3fs.S3FileSystem.clear_instance_cache()  # an instance made before these variables would keep its endpoint
         fs = s3fs.S3FileSystem()
-        fs.mkdir(BUCKET)
+        if not fs.exists(BUCKET):  # moto keeps its buckets per process: another module's server may have made it
+            fs.mkdir(BUCKET)
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
