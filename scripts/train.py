@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
+from resumable.agreement import agree_on_plan
 from resumable.backend import make_backend, prepare_backend
 from resumable.checkpoint import amend_checkpoint, read_progress, save_checkpoint, step_name
 from resumable.config import cache_root, parse_config, parse_duration
@@ -28,15 +29,9 @@ from resumable.export import finish_run
 from resumable.launch import check_distributed, enable_cpu_distributed
 from resumable.logs import get_logger, log_to_file, setup_logging
 from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, inject_fault, parse_signals, write_run_status
+from resumable.ranks import ranks
 from resumable.remote import RemoteMirror, is_remote, staging_dir
-from resumable.resume_plan import (
-    apply_plan,
-    complete_record,
-    plan_resume,
-    plan_total_steps,
-    pull_for_plan,
-    read_complete,
-)
+from resumable.resume_plan import apply_plan, complete_record, plan_total_steps, read_complete
 from resumable.retention import RetentionPolicy, prune_checkpoints
 from resumable.trackers import choose_trackers, describe, start_trackers
 
@@ -56,19 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if is_remote(cfg.output_dir):  # s3:// or gs://: train in a local staging dir, the bucket is the durable copy
         mirror = RemoteMirror(cfg.output_dir, staging_dir(cfg.output_dir, cache_root(cfg)))
         cfg.output_dir = str(mirror.local_dir)
-        pull_for_plan(cfg, mirror)  # every process calls it; a lock makes one of them download
     out = Path(cfg.output_dir)
-    plan = plan_resume(cfg)  # continue, branch, start over, extend or nothing to do; before import-heavy work
-    if plan.complete:
-        log.info(plan.complete)
-        if int(os.environ.get("RANK", "0")) == 0:
-            with contextlib.suppress(OSError):  # a finished run on a read-only mount is still finished
-                write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
-                if mirror:
-                    mirror.push_file("run_status.json")
-        return EXIT_FINISHED
-    resume_dir = plan.resume
-    check_output_dir_writable(out)  # every rank: a read-only output dir is one line now, not after start-up
 
     enable_cpu_distributed()
     accelerator_kwargs = prepare_backend(cfg)  # DeepSpeed on CPU: gloo; FSDP without GPUs: one line; --deterministic
@@ -104,6 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     is_main, world = accelerator.is_main_process, accelerator.num_processes
     check_distributed(world)
+    team = ranks(accelerator)  # collectives that wait longer than --ddp_timeout for work one rank does alone
+    plan = agree_on_plan(team, cfg, mirror)  # rank 0: continue, branch, start over, extend or nothing to do
+    if plan.complete:
+        log.info(plan.complete)
+        if is_main:
+            with contextlib.suppress(OSError):  # a finished run on a read-only mount is still finished
+                write_run_status(out, "finished", EXIT_FINISHED, read_complete(out).get("step", 0))
+                if mirror:
+                    mirror.push_file("run_status.json")
+        accelerator.end_training()
+        return EXIT_FINISHED
+    resume_dir = plan.resume
+    check_output_dir_writable(out)  # every rank: a read-only output dir is one line now, not after start-up
     backend = make_backend(accelerator, cfg)  # what DDP, DeepSpeed and FSDP do differently lives there
     log.info(f"{cfg.task} run in {out}: {world} process(es) on {accelerator.device}, {backend.describe()}, precision "
              f"{accelerator.mixed_precision}; {describe(cfg.report_to, trackers)}")  # fmt: skip
@@ -111,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- data (nothing in the output dir changes before the data and the model are known to be usable)
     check_model_limits(cfg)  # the model's config only: an unknown or unreachable model fails before the data work
     set_seed(cfg.seed)
-    with accelerator.main_process_first():  # rank 0 builds corpora, tokenizer and caches; the others reuse them
+    with team.in_turn():  # rank 0 builds corpora, tokenizer and caches; then each node's first; then the rest
         raw = load_raw_datasets(cfg)
         tokenizer = load_tokenizer(cfg, raw)
         train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- resume (the output dir is touched from here on)
     require_disk(cfg, n_params, len(list(model.parameters())))  # every rank (so all exit 74 together), rank 0 logs
-    accelerator.wait_for_everyone()  # every process has planned before anything is moved
+    team.wait()  # every process has its plan before anything is moved
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         apply_plan(plan, out, mirror)  # a start-over moves the old train.log aside first
@@ -156,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         if mirror:
             mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
         log.info(f"Checkpoints: {cfg.checkpoints_dir} ({'resuming' if resume_dir else 'fresh start'})")
-    accelerator.wait_for_everyone()
+    team.wait()
     progress, resume_msg = restore(
         accelerator, cfg, plan, (world, bs, ga), batches_per_epoch, fingerprint, scheduler, total_steps
     )
@@ -219,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                 for name in ("train_log.jsonl", "train.log"):
                     mirror.push_file(name)
                 mirror.prune_remote(policy)
+        team.wait()  # the others wait for rank 0's upload here, not in the next step's all-reduce
         stop.note_save(time.perf_counter() - t0)  # --max_run_time leaves room for the save and its upload
         last_saved = state()
 
@@ -321,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             write_run_status(out, "requeue", EXIT_REQUEUE, progress.step, reason=stop.reason or "", elapsed=elapsed)
             if mirror:
                 mirror.push_file("run_status.json")
-        accelerator.wait_for_everyone()  # no rank exits (and makes torchrun kill the others) before all are done
+        team.wait()  # no rank exits (and makes torchrun kill the others) before all are done
         accelerator.end_training()  # after the barrier: it destroys the process group
         return EXIT_REQUEUE
     save()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
@@ -71,10 +72,12 @@ def test_backend_preparation_refuses_what_cannot_work_in_one_line(tmp_path, monk
     with pytest.raises(UserError, match="FSDP launch config needs GPUs"):
         prepare_backend(_cfg(tmp_path))
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
-    assert prepare_backend(_cfg(tmp_path)) == {}  # DDP / one process: nothing to add
+    (handler,) = prepare_backend(_cfg(tmp_path, "--ddp_timeout", "77"))["kwargs_handlers"]
+    assert handler.to_kwargs() == {"timeout": timedelta(seconds=77)}  # DDP / one process: only --ddp_timeout
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     (handler,) = prepare_backend(_cfg(tmp_path))["kwargs_handlers"]
     assert handler.backend == "gloo"  # DeepSpeed's own default on CPU would be oneCCL
+    assert handler.timeout == timedelta(seconds=1800)  # HF Trainer's default, not NCCL's 600 s
     with pytest.raises(UserError, match="--nan_policy skip_step is not supported under DeepSpeed"):
         prepare_backend(_cfg(tmp_path, "--nan_policy", "skip_step"))
     monkeypatch.setenv("ACCELERATE_USE_CPU", "1")

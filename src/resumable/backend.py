@@ -21,6 +21,7 @@ import contextlib
 import os
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -44,6 +45,9 @@ def prepare_backend(cfg) -> dict:
     if cfg.deterministic:  # must precede the first cuBLAS call; the Slurm teams exported the same variable
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    from accelerate.utils import InitProcessGroupKwargs
+
+    timeout = {"timeout": timedelta(seconds=cfg.ddp_timeout)}  # every training collective (rank-0 work: ranks.py)
     kind, cuda = launched_backend(), torch.cuda.is_available()
     if kind == "fsdp" and not cuda:
         raise UserError(
@@ -51,7 +55,7 @@ def prepare_backend(cfg) -> dict:
             "accelerate_configs/cpu_ddp.yaml or deepspeed_zero2.yaml/deepspeed_zero3.yaml on CPU"
         )
     if kind != "deepspeed":
-        return {}
+        return {"kwargs_handlers": [InitProcessGroupKwargs(**timeout)]}
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
         raise UserError(
             "ACCELERATE_USE_CPU is set with a DeepSpeed launch config: accelerate would silently train plain DDP "
@@ -74,11 +78,8 @@ def prepare_backend(cfg) -> dict:
     warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     # DeepSpeed JIT-compiles its CPU communication op with ninja: the venv's ninja is on PATH only when activated
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    if cuda:
-        return {}
-    from accelerate.utils import InitProcessGroupKwargs
-
-    return {"kwargs_handlers": [InitProcessGroupKwargs(backend="gloo")]}  # DeepSpeed's default on CPU is oneCCL
+    cpu = {} if cuda else {"backend": "gloo"}  # DeepSpeed's default on CPU is oneCCL
+    return {"kwargs_handlers": [InitProcessGroupKwargs(**timeout, **cpu)]}
 
 
 def layout(accelerator) -> str:

@@ -43,6 +43,7 @@ from resumable.manifest import (  # noqa: F401 (re-exported: the store's public 
     swap_in,
     verify_checkpoint,
 )
+from resumable.ranks import collect_rank_files, discard_separate, ranks
 
 log = get_logger(__name__)
 
@@ -87,14 +88,15 @@ def save_checkpoint(
     """
     final = checkpoints_dir / step_name(progress.step)
     tmp = checkpoints_dir / f".tmp-{final.name}"
-    started = time.perf_counter()
+    started, team = time.perf_counter(), ranks(accelerator)  # rank 0 writes the model and hashes alone: patient waits
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
             tmp.mkdir(parents=True)
-        accelerator.wait_for_everyone()
+        team.wait()
         accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
+        team.wait()
+        separate = collect_rank_files(team, tmp)  # another node's staging folder: its files go to rank 0
         if accelerator.is_main_process:
             _write_json(tmp / PROGRESS, asdict(progress))
             commit_checkpoint(tmp, final, progress.step, _manifest_fields(accelerator, progress, extra))
@@ -107,7 +109,8 @@ def save_checkpoint(
     if full:  # outside the except block: the failed writer's open file (which holds its blocks) can be collected
         gc.collect()
         raise _disk_full(checkpoints_dir, tmp, final)
-    accelerator.wait_for_everyone()
+    team.wait()
+    discard_separate(tmp, separate)
     log.debug(f"saved checkpoint {final.name} in {time.perf_counter() - started:.3f} s")  # benchmarks read this
     return final
 
@@ -234,8 +237,13 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
             raise UserError(
                 f"{rng_file}: could not load the training state ({str(err).splitlines()[0][:300]})"
             ) from None
-        if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
-            raise RuntimeError(f"{rng_file}: random state was not restored")
+        if not_restored := unrestored_generators(saved):
+            raise RuntimeError(f"{rng_file}: random state of {', '.join(not_restored)} was not restored")
+    elif rank < progress.world_size:
+        raise UserError(
+            f"{folder} lacks {rng_file.name} although {progress.world_size} processes saved it (committed without "
+            "that rank's state); resume an older checkpoint with --resume_from_checkpoint PATH"
+        )
     else:
         from accelerate.utils import set_seed
 
@@ -250,3 +258,34 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
             main_process_only=False,  # only ranks beyond the saved world size get here, never rank 0
         )
     return progress
+
+
+def unrestored_generators(saved: dict) -> list[str]:
+    """The generators whose state now differs from the saved one (Python, NumPy, torch CPU, every accelerator's)."""
+    import random
+
+    import numpy as np
+
+    def same_numpy(a, b) -> bool:
+        return len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    bad = []
+    if "random_state" in saved and random.getstate() != saved["random_state"]:
+        bad.append("python")
+    if "numpy_random_seed" in saved and not same_numpy(np.random.get_state(), saved["numpy_random_seed"]):
+        bad.append("numpy")
+    if not torch.equal(saved["torch_manual_seed"], torch.get_rng_state()):
+        bad.append("torch")
+    for key, value in saved.items():  # torch_cuda_manual_seed, torch_xpu_manual_seed, ...: one state per device
+        device = key.removeprefix("torch_").removesuffix("_manual_seed")
+        module = getattr(torch, device, None) if key != "torch_manual_seed" and key.endswith("_manual_seed") else None
+        if module is not None and module.is_available():
+            now = module.get_rng_state_all()
+            if len(now) != len(value) or not all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(now, value)):
+                bad.append(device)
+    if "xm_seed" in saved:
+        import torch_xla.core.xla_model as xm
+
+        if xm.get_rng_state() != saved["xm_seed"]:
+            bad.append("xla")
+    return bad

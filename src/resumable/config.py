@@ -111,6 +111,7 @@ class TrainConfig:
     max_run_time: str | None = _f(None, "Wall-clock budget for this run, e.g. 3h50m or 7200 (seconds).")
     max_steps_per_run: int = _f(0, "Stop (checkpoint, exit 'run me again') after N steps in this run; 0: off.")
     stop_signals: str = _f("SIGTERM,SIGUSR1,SIGINT", "Signals that checkpoint and stop the run.")
+    ddp_timeout: int = _f(1800, "Seconds a collective waits for the slowest rank before the job fails (NCCL: 600).")
 
     def __post_init__(self) -> None:
         _require(self.output_dir, "--output_dir is required")
@@ -142,6 +143,7 @@ class TrainConfig:
         _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
         _require(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
         _require(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
+        _require(self.ddp_timeout >= 1, f"--ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
         _require(
             self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 unless --max_steps is set"
         )

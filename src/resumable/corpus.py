@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import textwrap
@@ -58,7 +59,7 @@ def _fingerprint(files: list[Path], root: Path, *params) -> str:
 def _write_splits(target: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
     """Write `{split}.jsonl` atomically: a crashed build leaves no half corpus behind."""
     if not target.exists():
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # one per builder
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         for split, rows in records.items():

@@ -8,6 +8,9 @@ shuffled by accelerate's seedable sampler, so the order of epoch e is a pure fun
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import socket
 from pathlib import Path
 
 import datasets
@@ -138,9 +141,15 @@ def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     if cfg.task == "sequence_classification":  # BERT-style pooling reads the first token
         tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
-    tmp = target.with_name(target.name + ".tmp")
+    tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # one per builder
+    shutil.rmtree(tmp, ignore_errors=True)
     fast.save_pretrained(tmp)
-    tmp.replace(target)  # atomic: a half-saved tokenizer is never picked up
+    try:
+        os.replace(tmp, target)  # atomic: a half-saved tokenizer is never picked up
+    except OSError:  # another builder (another node on a shared cache) renamed its identical copy first
+        if not (target / "tokenizer.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

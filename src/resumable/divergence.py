@@ -14,6 +14,7 @@ import torch
 from resumable.checkpoint import find_latest_checkpoint
 from resumable.logs import get_logger
 from resumable.preemption import write_run_status
+from resumable.ranks import ranks
 
 log = get_logger(__name__)
 EXIT_DIVERGED = 3  # the run stopped itself: re-running the same command would diverge again
@@ -96,6 +97,6 @@ def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int
         if mirror:
             for name in ("run_status.json", "train.log"):
                 mirror.push_file(name)
-    accelerator.wait_for_everyone()
+    ranks(accelerator).wait()  # rank 0 pushes the logs of a remote run first
     accelerator.end_training()
     return EXIT_DIVERGED

@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -33,8 +34,10 @@ def evaluate(
                 return None
             out = model(**batch)
             if task == "causal_lm":
-                logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]
-                nll = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+                # position t scores token t+1: shift the labels, not the logits (no copy of the biggest tensor)
+                labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+                logits = out.logits.flatten(0, 1).float()  # a no-op in fp32; one fp32 copy of half logits
+                nll = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="none").view_as(labels)
                 mask = (labels != -100).float()
                 parts.append(accelerator.gather_for_metrics(((nll * mask).sum(1), mask.sum(1))))
             else:
@@ -59,16 +62,17 @@ def classification_scores(labels: list[int], preds: list[int]) -> dict[str, floa
     return {"eval/accuracy": accuracy_score(labels, preds), "eval/precision": p, "eval/recall": r, "eval/f1": f}
 
 
-def baselines(task: str, train, val) -> dict[str, float]:
-    """What a model that learned nothing would score: unigram perplexity, or the majority-class F1."""
+def baselines(task: str, train, val, max_tokens: int = 2**26) -> dict[str, float]:
+    """What a model that learned nothing would score: unigram perplexity, or the majority-class F1.
+
+    Token counts are accumulated chunk by chunk (memory: one chunk, not the tokenized corpus), over at most
+    `max_tokens` tokens per split, taken from evenly spaced chunks of a larger one."""
     if task == "causal_lm":
-        train_ids = train.select_columns(["input_ids"])[:]["input_ids"].flatten()
-        val_ids = val.select_columns(["input_ids"])[:]["input_ids"][
-            :, 1:
-        ].flatten()  # the tokens the model is scored on
-        counts = torch.bincount(train_ids, minlength=int(max(train_ids.max(), val_ids.max())) + 1).double() + 1.0
-        logp = (counts / counts.sum()).log()
-        return {"baseline/unigram_perplexity": math.exp(-logp[val_ids].mean().item())}
+        counts, val_counts = token_counts(train, max_tokens), token_counts(val, max_tokens, skip_first=True)
+        size = max(len(counts), len(val_counts))
+        counts = np.pad(counts, (0, size - len(counts))).astype(np.float64) + 1.0
+        logp = np.log(counts / counts.sum())[: len(val_counts)]
+        return {"baseline/unigram_perplexity": math.exp(-float((val_counts * logp).sum() / val_counts.sum()))}
     labels = train.select_columns(["labels"])[:]["labels"].tolist()
     majority = max(set(labels), key=labels.count)
     val_labels = val.select_columns(["labels"])[:]["labels"].tolist()
@@ -79,6 +83,25 @@ def baselines(task: str, train, val) -> dict[str, float]:
         "baseline/majority_accuracy": scores["eval/accuracy"],
         "baseline/always_positive_f1": positive["eval/f1"],
     }
+
+
+def token_counts(ds, max_tokens: int, skip_first: bool = False, chunk: int = 1024) -> np.ndarray:
+    """How often each token id occurs in `ds["input_ids"]` (the first of each row left out: it is never scored)."""
+    ids = ds.select_columns(["input_ids"]).with_format("numpy")
+    starts = range(0, len(ds), chunk)
+    row_len = len(ids[0]["input_ids"]) if len(ds) else 1
+    keep = max(1, max_tokens // (row_len * chunk))
+    if len(starts) > keep:  # evenly spaced chunks: the estimate sees the whole corpus, not its beginning
+        starts = [starts[i * len(starts) // keep] for i in range(keep)]
+    counts = np.zeros(0, dtype=np.int64)
+    for start in starts:
+        rows = ids[start : start + chunk]["input_ids"]
+        rows = [np.asarray(r)[1:] if skip_first else np.asarray(r) for r in rows]
+        part = np.bincount(np.concatenate(rows).astype(np.int64))
+        if len(part) > len(counts):
+            counts = np.pad(counts, (0, len(part) - len(counts)))
+        counts[: len(part)] += part
+    return counts
 
 
 class TrainLog:

@@ -201,14 +201,15 @@ class RemoteMirror(ObjectStore):
     def push_missing(self) -> list[str]:
         """Push every valid local checkpoint whose remote copy lacks the same manifest (a push cut short by a
         kill, a staging folder that outlived its remote). Returns the names pushed."""
-        pushed = []
-        for folder in list_checkpoints(self.local_dir / "checkpoints"):
-            if verify_checkpoint(folder, deep=False) is not None:
-                continue
-            if self._remote_manifest(folder.name) != (folder / MANIFEST).read_bytes():
-                self.push_checkpoint(folder)
-                pushed.append(folder.name)
-        return pushed
+        folders = list_checkpoints(self.local_dir / "checkpoints")
+        return [f.name for f in folders if verify_checkpoint(f, deep=False) is None and self.ensure_pushed(f)]
+
+    def ensure_pushed(self, folder: Path) -> bool:
+        """Push a committed local checkpoint unless the remote holds it with the same manifest; True if pushed."""
+        if self._remote_manifest(folder.name) == (folder / MANIFEST).read_bytes():
+            return False
+        self.push_checkpoint(folder)
+        return True
 
     def push_file(self, name: str) -> None:
         """Upload local_dir/name to url/name (one object: it appears whole or not at all)."""

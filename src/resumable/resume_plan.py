@@ -86,7 +86,8 @@ def wants_more(cfg: TrainConfig, done: dict) -> bool:
 
 def flags_digest(cfg: TrainConfig) -> str:
     """Every flag except those that only say how long this attempt may run: equal for a requeued command."""
-    per_attempt = ("config", "resume_from_checkpoint", "max_steps_per_run", "max_run_time", "stop_signals")
+    per_attempt = ("config", "resume_from_checkpoint", "max_steps_per_run", "max_run_time", "stop_signals",
+                   "ddp_timeout")  # fmt: skip
     flags = {k: v for k, v in sorted(vars(cfg).items()) if k not in per_attempt}
     return hashlib.sha256(json.dumps(flags, default=str).encode()).hexdigest()[:16]
 
