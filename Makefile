@@ -17,7 +17,11 @@ $(STAMP): setup.cfg constraints.txt pyproject.toml
 train: $(STAMP)  ## the main job: tiny GPT-2 on the stdlib corpus; re-run to resume
 	$(BIN)/python scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
 
+# Ctrl+C/SIGTERM reach the launcher, which gives the workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT s to checkpoint before
+# SIGKILL: sized from what this output dir's earlier runs measured (resumable/signal_lead.py).
 train-ddp: $(STAMP)  ## the same job on 2 CPU processes (DDP over gloo)
+	out=$$($(BIN)/python -m resumable.config --get output_dir --config configs/tiny_lm.yaml $(ARGS)) && \
+	TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-$$($(BIN)/python -m resumable.signal_lead --shutdown-timeout "$$out")} \
 	$(BIN)/accelerate launch --config_file accelerate_configs/cpu_ddp.yaml scripts/train.py --config configs/tiny_lm.yaml $(ARGS)
 
 preflight: $(STAMP)  ## will `make train ARGS=...` work here? one OK/WARN/FAIL line per check; exit 1 on a blocker

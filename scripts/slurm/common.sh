@@ -35,13 +35,20 @@ scratch=${SCRATCH:-${TMPDIR:-/tmp}/$(id -un)}
 export HF_HOME=${HF_HOME:-$scratch/huggingface}
 export RESUMABLE_CACHE=${RESUMABLE_CACHE:-$scratch/resumable}
 export PYTHONUNBUFFERED=1 # the job log shows progress as it happens
+# torchrun gives the training processes TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by default) between its SIGTERM
+# (scancel, a preemption) and SIGKILL: 2 x (step + save) as this output dir's earlier runs measured, else 120 s.
+if [[ -z ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-} ]]; then
+  TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$(resumable_py -m resumable.signal_lead --shutdown-timeout "$OUTPUT_DIR") ||
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=120
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
 # A status left by an earlier run (here or in the bucket of an s3:// OUTPUT_DIR) must not be mistaken for this
 # one's, or a crash would requeue forever: train.py records this attempt's id, and finish() trusts only that.
 export RESUMABLE_ATTEMPT="${SLURM_JOB_ID:-local}-${SLURM_RESTART_COUNT:-0}-$(date +%s%N)"
 
 job_header() {
   echo "=== $(date -Is) job ${SLURM_JOB_ID:-none} on $(hostname -s): SLURM_RESTART_COUNT=${SLURM_RESTART_COUNT:-0}"
-  echo "repo $REPO_DIR, launch config $ACCELERATE_CONFIG, HF_HOME $HF_HOME"
+  echo "repo $REPO_DIR, launch config $ACCELERATE_CONFIG, HF_HOME $HF_HOME, shutdown timeout ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT}s"
   echo "training: ${train_cmd[*]}"
   if command -v nvidia-smi >/dev/null; then
     nvidia-smi || echo "nvidia-smi failed (exit $?)"

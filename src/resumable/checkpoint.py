@@ -43,6 +43,7 @@ from resumable.manifest import (  # noqa: F401 (re-exported: the store's public 
     swap_in,
     verify_checkpoint,
 )
+from resumable.preemption import inject_delay
 from resumable.ranks import collect_rank_files, discard_separate, ranks
 
 log = get_logger(__name__)
@@ -98,6 +99,7 @@ def save_checkpoint(
         team.wait()
         separate = collect_rank_files(team, tmp)  # another node's staging folder: its files go to rank 0
         if accelerator.is_main_process:
+            inject_delay("rank0_commit")
             _write_json(tmp / PROGRESS, asdict(progress))
             commit_checkpoint(tmp, final, progress.step, _manifest_fields(accelerator, progress, extra))
     except Exception as err:

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 from resumable.logs import get_logger
+from resumable.preemption import inject_delay
 
 log = get_logger(__name__)
 TEST_DIRS = {"test", "tests", "idle_test"}
@@ -59,6 +60,7 @@ def _fingerprint(files: list[Path], root: Path, *params) -> str:
 def _write_splits(target: Path, records: dict[str, list[dict]]) -> dict[str, Path]:
     """Write `{split}.jsonl` atomically: a crashed build leaves no half corpus behind."""
     if not target.exists():
+        inject_delay("build_corpus")
         tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # one per builder
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

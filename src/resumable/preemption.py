@@ -132,6 +132,15 @@ def inject_fault(point: str, step: int) -> None:
         os.kill(os.getpid(), sig)
 
 
+def inject_delay(point: str) -> None:
+    """Chaos testing: RESUMABLE_DELAY=point:seconds[,point:seconds] makes this process sleep at that point, e.g.
+    `rank0_commit` (rank 0 hashing a large checkpoint) or `build_corpus` (rank 0 preparing a large corpus)."""
+    for spec in filter(None, os.environ.get("RESUMABLE_DELAY", "").split(",")):
+        name, _, seconds = spec.partition(":")
+        if name == point:
+            time.sleep(float(seconds))
+
+
 def write_run_status(output_dir: str | os.PathLike, status: str, exit_code: int, step: int, **extra) -> None:
     """Record how this run ended. `accelerate launch` turns any non-zero exit into 1, so wrappers read this file."""
     path = Path(output_dir) / RUN_STATUS_FILE

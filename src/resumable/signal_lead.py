@@ -8,6 +8,7 @@ are used when there are any.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -86,6 +87,16 @@ def measured_costs(output_dir: Path) -> tuple[float | None, float | None]:
     return (statistics.median(gaps) if gaps else None), (max(saves) if saves else None)
 
 
+def shutdown_timeout(output_dir: Path, floor: int = 30, unmeasured: int = 120) -> int:
+    """Seconds torchrun should give the training processes between its SIGTERM and its SIGKILL
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 by default whatever the checkpoint size): 2 x (one step + one save) as
+    measured by earlier runs of this output dir, plus 10 s to exit; `unmeasured` before any was."""
+    step_s, save_s = measured_costs(Path(output_dir))
+    if save_s is None:
+        return unmeasured
+    return max(floor, math.ceil(2 * ((step_s or 0.0) + save_s)) + 10)
+
+
 def check_slurm(cfg: TrainConfig, lead_flag: int | None, checkpoint_bytes: int | None) -> list[Finding]:
     """Under Slurm (or with --slurm_signal_lead): lead >= 2 x (one step + one save), the README's rule of thumb.
     A lead shorter than one step plus one save is a blocker: the job is killed before its checkpoint commits."""
@@ -111,3 +122,11 @@ def check_slurm(cfg: TrainConfig, lead_flag: int | None, checkpoint_bytes: int |
     message = f"signal lead {lead} s ({source}) vs 2 x ({step_how} + {save_how}) = {need:.0f} s{upload}"
     level = "OK" if lead >= need else "WARN" if lead >= need / 2 else "FAIL"
     return [Finding(level, "slurm", message + ("" if level == "OK" else f": raise --signal to @{int(need) + 1}"))]
+
+
+if __name__ == "__main__":  # python -m resumable.signal_lead --shutdown-timeout OUTPUT_DIR (Makefile, sbatch scripts)
+    import sys
+
+    if sys.argv[1:2] != ["--shutdown-timeout"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m resumable.signal_lead --shutdown-timeout OUTPUT_DIR")
+    print(shutdown_timeout(Path(sys.argv[2])))
