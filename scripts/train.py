@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     # --- model, optimizer, scheduler
     set_seed(cfg.seed)  # model init must not depend on how much randomness data preparation used
     model = build_model(cfg, tokenizer, label_names(cfg, raw))  # id2label: what pipelines print
-    decay = [p for p in model.parameters() if p.ndim >= 2]  # no weight decay on biases and norms
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) >= 2]  # ZeRO-3: placeholders
+    no_decay = [p for p in model.parameters() if len(getattr(p, "ds_shape", p.shape)) < 2]  # biases and norms
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate,
@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     scheduler = backend.prepare_scheduler(scheduler, optimizer)
-    log.info(f"Model: {n_params:,} parameters; {batches_per_epoch} micro-batches "
-             f"of {bs} per process per epoch, global batch {world * bs * ga}, {total_steps} steps in total")  # fmt: skip
+    log.info(f"Model: {n_params:,} parameters (weight decay on {len(decay)} of {len(decay) + len(no_decay)} tensors); "
+             f"{batches_per_epoch} micro-batches of {bs} per process per epoch, global batch {world * bs * ga}, "
+             f"{total_steps} steps in total")  # fmt: skip
 
     # --- resume (the output dir is touched from here on)
     require_disk(cfg, n_params, len(list(model.parameters())))  # every rank (so all exit 74 together), rank 0 logs
@@ -268,8 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                 return stop_diverged(accelerator, out, mirror, progress.step, diverged)
             if bad:
                 skip_update(accelerator)
-            else:
-                backend.step(optimizer)
+            elif found := backend.step(optimizer):  # DeepSpeed checks the gradients inside its step
+                return stop_diverged(accelerator, out, mirror, progress.step, f"step {progress.step + 1}: {found}")
             if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -322,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.end_training()  # after the barrier: it destroys the process group
         return EXIT_REQUEUE
     save()
-    weights = backend.gather_weights(model)  # every rank: ZeRO-3/FSDP shards come together on rank 0
+    weights = backend.gather_weights(model, cfg.checkpoints_dir / step_name(progress.step))  # every rank
     if is_main:
         epochs = progress.epoch + progress.batches_in_epoch / batches_per_epoch
         final_metrics = finish_run(

@@ -60,7 +60,8 @@ def test_a_zero_launch_really_runs_deepspeed_and_trains_like_ddp(stage, tmp_path
     if stage == 2:
         for a, b in zip(ours, theirs):
             assert a["train/loss"] == pytest.approx(b["train/loss"], rel=1e-5)
-    assert "Model: 30,176 parameters" in (ref / "train.log").read_text()  # counted before ZeRO-3 empties them
+    # counted before ZeRO-3 empties them; weight decay chosen by the real shapes, not ZeRO-3's (0,) placeholders
+    assert "Model: 30,176 parameters (weight decay on 6 of 16 tensors)" in (ref / "train.log").read_text()
 
 
 def _stop_first_run(stage: int, out: Path, cache_dir: Path) -> None:
@@ -193,3 +194,41 @@ def test_a_zero_run_on_an_s3_output_dir_resumes_bitwise_from_the_bucket(tmp_path
     assert_bitwise_same_run(ref, tmp_path)
     remote = s3.find(f"{url}/checkpoints/step-00000009")
     assert any(path.endswith("pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt") for path in remote)
+
+
+def test_non_finite_gradients_stop_a_zero_run_before_anything_is_saved(tmp_path, cache_dir):
+    """The loss is finite, its gradients are not: DeepSpeed finds that inside its step (our loop sees no norm
+    before it) and skips the update; the run stops as for a NaN loss instead of training on without a word."""
+    out = tmp_path / "run"
+    result = Run(DS_LM, out, cache_dir, zero(2), env={"RESUMABLE_FAULT": "nan_grad:5"}).run()
+    status = json.loads((out / "run_status.json").read_text())
+    assert result.returncode != 0 and (status["status"], status["exit_code"]) == ("diverged", 3), status
+    assert "step 5: non-finite gradients (DeepSpeed skipped the update)" in status["reason"]
+    assert "--nan_policy skip_step" not in (out / "train.log").read_text()  # refused under DeepSpeed: not advised
+    assert max(checkpoint_steps(out)) < 5
+
+
+def test_a_planted_pickle_in_a_zero_shard_is_refused_before_deepspeed_unpickles_it(
+    tmp_path, tmp_path_factory, cache_dir
+):
+    from test_checkpoint_store import Payload
+
+    from resumable.checkpoint import _sha256, manifest_digest
+
+    ref = reference(tmp_path_factory, cache_dir, DS_LM, launcher=zero(2))
+    out = tmp_path / "run"
+    shutil.copytree(ref, out)
+    (out / "COMPLETE").unlink()
+    marker, name = tmp_path / "pwned", "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    folder = out / "checkpoints" / "step-00000009"
+    torch.save({"optimizer_state_dict": Payload(marker)}, folder / name)
+    manifest = json.loads((folder / MANIFEST).read_text())  # re-signed: only safe loading can stop it
+    manifest["files"][name] = {"size": (folder / name).stat().st_size, "sha256": _sha256(folder / name)}
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    result = Run([*DS_LM, "--max_steps", "12"], out, cache_dir, zero(2)).run()
+    assert result.returncode != 0 and not marker.exists(), "the payload ran"
+    assert f"error: {folder / name}: refused before DeepSpeed unpickles it" in result.stderr
+    exported = subprocess.run([PYTHON, CHECKPOINTS_CLI, "export", str(folder), "--to", str(tmp_path / "x")],
+                              capture_output=True, text=True)  # fmt: skip
+    assert exported.returncode != 0 and not marker.exists() and "refused before DeepSpeed" in exported.stderr

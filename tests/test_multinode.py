@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -96,6 +97,19 @@ def test_a_node_killed_mid_run_resumes_bitwise_with_node_local_staging(s3, two_n
     later = sorted((staging_dir(f"s3://{BUCKET}/two-node-ref", ref_base / "node0") / "checkpoints").glob("step-*"))[-1]
     assert int(later.name[5:]) > int(newest[5:])
     shutil.copytree(later, staging_dir(url, caches[1]) / "checkpoints" / later.name)
+
+    # the bucket's copy is damaged, rank 0's own copy is intact: node 1 cannot get the checkpoint rank 0 chose, and
+    # every rank stops with one line instead of node 1 resuming an older one
+    weights = f"{url}/checkpoints/{newest}/model.safetensors"
+    intact = s3.cat(weights)
+    s3.pipe(weights, intact[:-1] + bytes([intact[-1] ^ 1]))
+    refused = run_all(nodes(ARGS, url, caches))
+    assert [rc != 0 for rc, _ in refused] == [True, True]
+    line = f"error: rank 1 on {socket.gethostname()} cannot use {newest}, the checkpoint rank 0 resumes from"
+    assert all(line in out for _, out in refused), refused[0][1][-3000:]
+    assert "model.safetensors sha256 mismatch" in refused[1][1]
+    assert all('train.py", line' not in out for _, out in refused)  # no traceback of ours (torchrun prints its own)
+    s3.pipe(weights, intact)
 
     second = run_all(nodes([*ARGS, "--log_level", "debug"], url, caches))
     assert [rc for rc, _ in second] == [0, 0], second[0][1][-4000:] + second[1][1][-4000:]

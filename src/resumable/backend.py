@@ -18,6 +18,7 @@ same number of processes, refused in one line otherwise.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -40,6 +41,16 @@ def launched_backend() -> str:
     return "ddp"
 
 
+def env_flag(name: str) -> bool:
+    """An environment flag read as accelerate reads it (yes/true/on/1); a value it cannot read counts as unset."""
+    from accelerate.utils import str_to_bool
+
+    try:
+        return bool(str_to_bool(os.environ.get(name, "0")))
+    except ValueError:
+        return False
+
+
 def prepare_backend(cfg) -> dict:
     """Before the Accelerator (and CUDA) exists: refuse what cannot work, set determinism; returns Accelerator kwargs."""
     if cfg.deterministic:  # must precede the first cuBLAS call; the Slurm teams exported the same variable
@@ -56,7 +67,7 @@ def prepare_backend(cfg) -> dict:
         )
     if kind != "deepspeed":
         return {"kwargs_handlers": [InitProcessGroupKwargs(**timeout)]}
-    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+    if env_flag("ACCELERATE_USE_CPU"):
         raise UserError(
             "ACCELERATE_USE_CPU is set with a DeepSpeed launch config: accelerate would silently train plain DDP "
             "instead; unset it (DeepSpeed finds the CPU by itself when there is no GPU)"
@@ -98,6 +109,8 @@ def check_layout(folder: Path, saved: str | None, saved_world: int, accelerator)
     export = (
         f"or export it (python scripts/checkpoints.py export {folder} --to DIR) and start a new run from it "
         "with --model_name_or_path DIR --output_dir NEW"
+        if saved != "fsdp"  # export reads DeepSpeed's shards, not FSDP's distributed checkpoint
+        else "or use its final/ model, if the run finished"
     )
     if saved != now:
         raise UserError(
@@ -136,16 +149,19 @@ class Backend:
 
         return measure_and_clip(self.accelerator, model, self.cfg.max_grad_norm)
 
-    def step(self, optimizer) -> None:
+    def step(self, optimizer) -> str | None:
+        """Apply the update; a reason to stop when the backend found non-finite gradients itself (else None)."""
         optimizer.step()
+        return None
 
-    def gather_weights(self, model) -> dict | None:
-        """Every rank calls this at the end: the full state dict for final/ where it is sharded, else None."""
+    def gather_weights(self, model, checkpoint: Path) -> dict | None:
+        """Every rank calls this at the end (after saving `checkpoint`): the full state dict for final/ where the
+        model is sharded or held in 16 bits, else None (final/ is the model as it is)."""
         return None
 
 
 class FSDPBackend(Backend):
-    def gather_weights(self, model) -> dict | None:
+    def gather_weights(self, model, checkpoint: Path) -> dict | None:
         return self.accelerator.get_state_dict(model)  # a collective: every rank takes part, rank 0 gets the dict
 
 
@@ -187,13 +203,51 @@ class DeepSpeedBackend(Backend):
     def clip_gradients(self, model) -> torch.Tensor | None:
         return None  # DeepSpeed clips (gradient_clipping = --max_grad_norm) and measures the norm inside its step
 
-    def step(self, optimizer) -> None:
+    def step(self, optimizer) -> str | None:
+        """The engine's step; it checks the gradients itself (our loop sees no norm before it), and skips the update
+        when they are not finite. Under fp16 that is loss scaling at work; otherwise the run has diverged."""
         self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        if self.accelerator.mixed_precision == "fp16":
+            return None
+        if not self.engine.was_step_applied():
+            return "non-finite gradients (DeepSpeed skipped the update)"
+        if norm is not None and not math.isfinite(float(norm)):
+            return f"gradient norm {float(norm)} (not finite; DeepSpeed applied that update, which is not saved)"
+        return None
 
-    def gather_weights(self, model) -> dict | None:
-        if self.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            return self.accelerator.get_state_dict(model)  # gathers the partitions on rank 0 (every rank calls)
-        return None  # ZeRO-1/2 keep whole parameters on every rank
+    def gather_weights(self, model, checkpoint: Path) -> dict | None:
+        """The fp32 master weights, consolidated from the checkpoint's shards on rank 0: what the optimizer holds,
+        not the 16-bit module copy of a mixed-precision run, and no ZeRO-3 16-bit gather setting needed."""
+        if not self.accelerator.is_main_process:
+            return None
+        from resumable.checkpoint_tools import checkpoint_weights
+
+        return checkpoint_weights(checkpoint)[0]
+
+
+def refuse_unsafe_pickles(folder: Path) -> None:
+    """DeepSpeed unpickles its shards (`*.pt`) unrestricted: a planted pickle would run code. Unpickle each
+    first with torch's weights-only unpickler (memory-mapped: tensor data is not read), allowing tensors and
+    DeepSpeed's own bookkeeping classes only; refuse the checkpoint in one line otherwise."""
+    shards = sorted(folder.rglob("*.pt"))
+    if not shards:
+        return
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    for path in shards:
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise UserError(
+                f"{path}: refused before DeepSpeed unpickles it (unrestricted), as it holds more than "
+                f"tensors and DeepSpeed's own state: {why}"
+            ) from None
 
 
 def make_backend(accelerator, cfg) -> Backend:

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from resumable.backend import check_layout, layout
+from resumable.backend import check_layout, layout, refuse_unsafe_pickles
 from resumable.disk import disk_full_failure, folder_bytes, is_disk_full
 from resumable.errors import UserError
 from resumable.logs import get_logger
@@ -224,7 +224,8 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
     progress = read_progress(folder)
     check_layout(folder, read_manifest(folder).get("layout"), progress.world_size, accelerator)
     rank = accelerator.process_index
-    try:  # accelerate loads with weights_only=True: a planted pickle payload is refused, not executed
+    refuse_unsafe_pickles(folder)  # DeepSpeed's shards: accelerate's own files load with weights_only=True
+    try:
         accelerator.load_state(str(folder))
     except Exception as err:
         raise UserError(f"{folder}: could not load the training state ({str(err).splitlines()[0][:300]})") from None

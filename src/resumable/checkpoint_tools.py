@@ -241,6 +241,16 @@ def checkpoint_weights(checkpoint: Path) -> tuple[dict[str, torch.Tensor], Path]
         import contextlib
         import io
 
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise UserError(
+                f"{checkpoint} holds DeepSpeed shards; reading them needs DeepSpeed: pip install -e '.[deepspeed]'"
+            ) from None
+        from resumable.backend import refuse_unsafe_pickles
+
+        refuse_unsafe_pickles(checkpoint)
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per shard it reads

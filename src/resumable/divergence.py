@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from resumable.backend import launched_backend
 from resumable.checkpoint import find_latest_checkpoint
 from resumable.logs import get_logger
 from resumable.preemption import write_run_status
@@ -39,9 +40,25 @@ def skip_update(accelerator) -> None:
         scaler.update(float(scaler.get_scale() * scaler.get_backoff_factor()))
 
 
+class _NanGradient(torch.autograd.Function):
+    """The identity forward; a NaN gradient backward: a finite loss whose update would be garbage."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * float("nan")
+
+
 def poison(loss: torch.Tensor, step: int) -> torch.Tensor:
-    """Tests inject a NaN into the loss of a chosen step (`RESUMABLE_FAULT=nan_loss:STEP`)."""
-    return loss * float("nan") if os.environ.get(FAULT_ENV) == f"nan_loss:{step}" else loss
+    """Tests inject a NaN into the loss (`RESUMABLE_FAULT=nan_loss:STEP`) or only into the gradients
+    (`nan_grad:STEP`) of a chosen step."""
+    fault = os.environ.get(FAULT_ENV)
+    if fault == f"nan_loss:{step}":
+        return loss * float("nan")
+    return _NanGradient.apply(loss) if fault == f"nan_grad:{step}" else loss
 
 
 class NanGuard:
@@ -92,7 +109,9 @@ def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int
             if latest
             else "No checkpoint yet. Run again with a lower --learning_rate"
         )
-        log.error(f"{reason}; stopped before the update, nothing saved. {advice}, or use --nan_policy skip_step")
+        if launched_backend() != "deepspeed":  # refused there: the update happens inside the engine
+            advice += ", or use --nan_policy skip_step"
+        log.error(f"{reason}; stopped before the update, nothing saved. {advice}")
         write_run_status(out, "diverged", EXIT_DIVERGED, step, reason=reason)
         if mirror:
             for name in ("run_status.json", "train.log"):

@@ -65,7 +65,7 @@ def _hash_files(folder: Path) -> dict[str, dict]:
 
 def bad_file_name(name: object) -> bool:
     """A manifest entry that is not a plain relative path inside the checkpoint (absolute, `..`, empty parts)."""
-    if not isinstance(name, str) or not name or "\\" in name or name.startswith("/"):
+    if not isinstance(name, str) or not name or "\\" in name or "\x00" in name or name.startswith("/"):
         return True
     return any(part in ("", ".", "..") for part in name.split("/"))
 
@@ -160,6 +160,7 @@ def _write_amended(folder: Path, tmp: Path, manifest: dict, progress: Progress) 
     new = {**fields, "created": manifest.get("created"), "files": files}
     new["manifest_sha256"] = manifest_digest(new)
     _write_json(tmp / MANIFEST, new)
+    fsync_files(tmp)  # the links' subfolders (DeepSpeed's shards) too
     _fsync_dir(tmp)
 
 

@@ -122,7 +122,9 @@ def _distribution(cc, cuda: bool) -> Finding:
         return Finding("FAIL", "launch", "FSDP without a GPU: FSDP on CPU does not start")
     if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
         return Finding("FAIL", "launch", "distributed_type DEEPSPEED but deepspeed is not installed")
-    if kind == "DEEPSPEED" and (cc.use_cpu or os.environ.get("ACCELERATE_USE_CPU")):
+    from resumable.backend import env_flag
+
+    if kind == "DEEPSPEED" and (cc.use_cpu or env_flag("ACCELERATE_USE_CPU")):
         return Finding("FAIL", "launch", "DEEPSPEED with use_cpu / ACCELERATE_USE_CPU: accelerate runs plain DDP")
     if kind == "DEEPSPEED" and not cuda:  # train.py joins the processes over gloo (backend.py)
         stage = (cc.deepspeed_config or {}).get("zero_stage")
