@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from resumable.data_checks import label_names
     from resumable.disk_space import require_disk
     from resumable.divergence import NanGuard, poison, skip_update, stop_diverged
-    from resumable.metrics import TrainLog, baselines, evaluate, example_hashes
+    from resumable.metrics import TrainLog, baselines, evaluate, example_hashes, generation_for
     from resumable.modeling import build_model, check_model_limits
     from resumable.restore import restore
 
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
     fingerprint = data_fingerprint(train_ds)
     train_dl, eval_dl = build_dataloaders(cfg, train_ds, eval_ds, tokenizer)
+    generation = generation_for(cfg, eval_ds, tokenizer, eval_dl.collate_fn)  # seq2seq: generated text is scored
     unit = f"blocks of {cfg.block_size} tokens" if cfg.task == "causal_lm" else "examples"
     log.info(f"Data: {len(train_ds)} training and {len(eval_ds)} validation {unit}")
 
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         """Evaluate at `progress.step`; False if a stop request interrupted it (it is re-run on resume)."""
         inject_fault("sigterm_before_eval", progress.step)
         t0 = time.perf_counter()
-        metrics = evaluate(accelerator, model, eval_dl, cfg.task, stop.eval_should_stop)
+        metrics = evaluate(accelerator, model, eval_dl, cfg.task, stop.eval_should_stop, generation)
         progress.eval_pending = metrics is None
         if metrics is None:
             return False
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = cfg.checkpoints_dir / step_name(progress.step)
             if is_main:
                 amend_checkpoint(folder, progress)
-            accelerator.wait_for_everyone()
+            team.wait()
         else:
             recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
             folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             weights,
             tokenizer,
             progress,
-            baselines(cfg.task, train_ds, eval_ds),
+            baselines(cfg.task, train_ds, eval_ds, generate_samples=cfg.eval_generate_samples),
             complete_record(cfg, progress.step, epochs),
         )
         if mirror:

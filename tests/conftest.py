@@ -57,6 +57,27 @@ TINY_CLS = [
     "--seed", "7",
 ]  # fmt: skip
 
+TINY_S2S = [
+    "--task", "seq2seq",
+    "--config_overrides", "num_layers=1,num_decoder_layers=1,num_heads=2,d_model=32,d_kv=16,d_ff=64",
+    "--vocab_size", "512",
+    "--max_source_length", "64",
+    "--max_target_length", "16",
+    "--generation_max_length", "8",
+    "--eval_generate_samples", "6",
+    "--max_train_samples", "36",
+    "--max_eval_samples", "8",
+    "--per_device_train_batch_size", "4",
+    "--per_device_eval_batch_size", "4",
+    "--learning_rate", "0.003",
+    "--num_train_epochs", "3",
+    "--eval_steps", "5",
+    "--checkpointing_steps", "4",
+    "--metric_for_best_model", "eval/rougeL",
+    "--report_to", "none",
+    "--seed", "7",
+]  # fmt: skip
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_LM, Run, ok
 
-from resumable.checkpoint import MANIFEST, _sha256, find_latest_checkpoint, manifest_digest, verify_checkpoint
+from resumable.checkpoint import (
+    MANIFEST,
+    _sha256,
+    find_latest_checkpoint,
+    list_checkpoints,
+    manifest_digest,
+    verify_checkpoint,
+)
 from resumable.errors import UserError
 
 DDP_ARGS = [*TINY_LM, "--max_train_samples", "72", "--max_steps", "8", "--checkpointing_steps", "4", "--keep_best", "0"]
@@ -164,3 +171,21 @@ def test_commit_makes_a_verifiable_checkpoint_and_a_flipped_byte_is_caught(tmp_p
     flip_bit(tmp_path / "step-00000001" / "weights.bin")
     assert "sha256 mismatch" in verify_checkpoint(tmp_path / "step-00000001")
     assert verify_checkpoint(tmp_path / "step-00000001", deep=False) is None  # size-only check misses a bit flip
+
+
+def test_a_symlinked_file_or_folder_in_a_checkpoint_is_refused(store, tmp_path):
+    """A re-signed manifest cannot smuggle in files from elsewhere through a link (scanners would not follow it)."""
+    newest = list_checkpoints(store)[-1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.move(newest / "optimizer.bin", elsewhere / "optimizer.bin")
+    (newest / "optimizer.bin").symlink_to(elsewhere / "optimizer.bin")
+    assert "optimizer.bin is a symbolic link" in verify_checkpoint(newest)
+
+
+def test_a_deep_verification_is_not_repeated_for_unchanged_files_but_is_for_changed_ones(store):
+    newest = list_checkpoints(store)[-1]
+    assert verify_checkpoint(newest) is None
+    assert verify_checkpoint(newest) is None  # remembered: same files, same inodes, same times
+    flip_bit(newest / "optimizer.bin")  # changes its mtime/ctime: hashed again
+    assert "optimizer.bin sha256 mismatch" in verify_checkpoint(newest)

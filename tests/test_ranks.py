@@ -8,7 +8,6 @@ import multiprocessing
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -171,5 +170,13 @@ def test_a_two_process_resume_hashes_the_checkpoint_once(tmp_path, cache_dir):
     assert len(verified) == 1 and "[rank" not in verified[0], verified  # rank 0's verdict, shared
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+@pytest.mark.slow
+def test_bad_data_found_by_rank_0_in_its_turn_stops_every_rank_with_one_line(tmp_path, cache_dir):
+    (tmp_path / "train.csv").write_text("text,label\n")  # a header and no rows
+    args = [*TINY_LM, "--train_file", str(tmp_path / "train.csv")]
+    result = Run(args, tmp_path / "run", cache_dir, "cpu_ddp").run()
+    assert result.returncode != 0
+    errors = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    line = f"--train_file {tmp_path / 'train.csv'}: no examples (the file has no data rows)"
+    assert sorted(errors) == sorted([f"error: {line}", f"error: rank 0 failed preparing the data: {line}"]), errors
+    assert 'train.py", line' not in result.stderr  # no traceback of ours (torchrun prints its own summary)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import traceback
 from pathlib import Path
 
 from resumable.backend import check_layout
@@ -33,7 +34,10 @@ def agree_on_plan(team: Ranks, cfg: TrainConfig, mirror=None) -> ResumePlan:
     local = cfg.checkpoints_dir / plan.resume.name if seen["in_store"] else plan.resume
     views = team.all_gather((host(), str(local.absolute())))
     leader = views.index(views[team.rank]) == team.rank and not team.is_main
-    verdict = _check_copy(local, seen, mirror) if leader else None
+    try:
+        verdict = _check_copy(local, seen, mirror) if leader else None
+    except Exception as err:  # an unreachable bucket, an unreadable folder: every rank hears of it, not a hang
+        verdict = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
     problems = [(r, views[r][0], v) for r, v in enumerate(team.all_gather(verdict)) if v is not None]
     if problems:
         rank, where, why = problems[0]
@@ -62,6 +66,9 @@ def _plan_on_main(team: Ranks, cfg: TrainConfig, mirror) -> tuple:
         return ("plan", plan, seen)
     except UserError as err:  # every rank raises it (the others would otherwise wait for a plan)
         return ("error", err.exit_code, str(err))
+    except Exception as err:  # a bug or the storage failing: its traceback here, one line on every rank
+        traceback.print_exc()
+        return ("error", 1, f"planning the resume failed on rank 0: {type(err).__name__}: {err}")
 
 
 def _identity(folder: Path) -> tuple[int, int, int] | None:

@@ -213,7 +213,7 @@ class DeepSpeedBackend(Backend):
         if not self.engine.was_step_applied():
             return "non-finite gradients (DeepSpeed skipped the update)"
         if norm is not None and not math.isfinite(float(norm)):
-            return f"gradient norm {float(norm)} (not finite; DeepSpeed applied that update, which is not saved)"
+            return f"gradient norm {float(norm)} reported by DeepSpeed (not finite)"
         return None
 
     def gather_weights(self, model, checkpoint: Path) -> dict | None:
@@ -230,7 +230,7 @@ def refuse_unsafe_pickles(folder: Path) -> None:
     """DeepSpeed unpickles its shards (`*.pt`) unrestricted: a planted pickle would run code. Unpickle each
     first with torch's weights-only unpickler (memory-mapped: tensor data is not read), allowing tensors and
     DeepSpeed's own bookkeeping classes only; refuse the checkpoint in one line otherwise."""
-    shards = sorted(folder.rglob("*.pt"))
+    shards = sorted((folder / "pytorch_model").rglob("*.pt"))  # DeepSpeed's own folder (fp16's scaler.pt: accelerate)
     if not shards:
         return
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler

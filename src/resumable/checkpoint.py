@@ -44,7 +44,7 @@ from resumable.manifest import (  # noqa: F401 (re-exported: the store's public 
     verify_checkpoint,
 )
 from resumable.preemption import inject_delay
-from resumable.ranks import collect_rank_files, discard_separate, ranks
+from resumable.ranks import collect_rank_files, discard_separate, drop_owner, prepare_separate, ranks
 
 log = get_logger(__name__)
 
@@ -95,10 +95,12 @@ def save_checkpoint(
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
             tmp.mkdir(parents=True)
         team.wait()
+        prepare_separate(team, tmp)  # another node's staging folder starts empty too
         accelerator.save_state(str(tmp))
         team.wait()
         separate = collect_rank_files(team, tmp)  # another node's staging folder: its files go to rank 0
         if accelerator.is_main_process:
+            drop_owner(tmp)
             inject_delay("rank0_commit")
             _write_json(tmp / PROGRESS, asdict(progress))
             commit_checkpoint(tmp, final, progress.step, _manifest_fields(accelerator, progress, extra))
@@ -241,7 +243,10 @@ def load_checkpoint(accelerator: Accelerator, folder: Path, seed: int) -> Progre
                 f"{rng_file}: could not load the training state ({str(err).splitlines()[0][:300]})"
             ) from None
         if not_restored := unrestored_generators(saved):
-            raise RuntimeError(f"{rng_file}: random state of {', '.join(not_restored)} was not restored")
+            raise UserError(
+                f"{rng_file}: the random state of {', '.join(not_restored)} was not restored (saved on another kind "
+                "of machine?); a resume here would not be exact"
+            )
     elif rank < progress.world_size:
         raise UserError(
             f"{folder} lacks {rng_file.name} although {progress.world_size} processes saved it (committed without "
@@ -284,6 +289,9 @@ def unrestored_generators(saved: dict) -> list[str]:
         module = getattr(torch, device, None) if key != "torch_manual_seed" and key.endswith("_manual_seed") else None
         if module is not None and module.is_available():
             now = module.get_rng_state_all()
+            if len(now) != len(value):  # a node with another GPU count (elastic): this process's own device counts
+                index = module.current_device()
+                now, value = now[index : index + 1], value[index : index + 1]
             if len(now) != len(value) or not all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(now, value)):
                 bad.append(device)
     if "xm_seed" in saved:

@@ -34,6 +34,7 @@ RESUME_KEYWORDS = ("auto", "latest", "best", "none")
 TASK_METRICS = {
     "causal_lm": ("eval/loss", "eval/perplexity"),
     "sequence_classification": ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"),
+    "seq2seq": ("eval/loss", "eval/rougeL", "eval/bleu"),
 }
 
 
@@ -46,7 +47,7 @@ class TrainConfig:
     # --- Config file
     config: str | None = _f(None, "YAML file of flag values; command-line flags override it.")
     # --- Task and model
-    task: Literal["causal_lm", "sequence_classification"] = _f("causal_lm", "What to train.")
+    task: Literal["causal_lm", "sequence_classification", "seq2seq"] = _f("causal_lm", "What to train.")
     model_name_or_path: str | None = _f(None, "Hub id or local dir of a pretrained model to fine-tune.")
     model_type: str | None = _f(None, "Architecture to train from scratch (e.g. gpt2, bert); default: a tiny one.")
     config_overrides: str | None = _f(None, "Model config overrides, e.g. 'n_layer=2,n_embd=128'.")
@@ -66,6 +67,13 @@ class TrainConfig:
     validation_split_percentage: int = _f(5, "Percent of train held out when there is no validation split (percent).")
     block_size: int = _f(128, "Tokens per training block (causal_lm).")
     max_seq_length: int = _f(256, "Truncate inputs to this many tokens (sequence_classification).")
+    source_column: str = _f("source", "Column holding the input text (seq2seq).")
+    target_column: str = _f("target", "Column holding the text to generate (seq2seq).")
+    source_prefix: str = _f("", "Text put before every source, e.g. 'summarize: ' for T5 (seq2seq).")
+    max_source_length: int = _f(256, "Truncate sources to this many tokens (seq2seq).")
+    max_target_length: int = _f(64, "Truncate targets to this many tokens (seq2seq).")
+    generation_max_length: int = _f(64, "Most tokens generated per example in evaluation (seq2seq).")
+    eval_generate_samples: int = _f(64, "Validation examples generated and scored (ROUGE-L, BLEU) per evaluation.")
     max_train_samples: int | None = _f(None, "Keep only the first N training examples (after tokenization).")
     max_eval_samples: int | None = _f(None, "Keep only the first N validation examples (after tokenization).")
     preprocessing_num_workers: int | None = _f(None, "Processes for tokenization (datasets .map).")
@@ -149,6 +157,8 @@ class TrainConfig:
         )
         _require(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
         _require(self.max_seq_length >= 2, f"--max_seq_length must be >= 2, got {self.max_seq_length}")
+        for name in ("max_source_length", "max_target_length", "generation_max_length", "eval_generate_samples"):
+            _require(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         _require(self.vocab_size >= 300, f"--vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
         _require(self.num_labels >= 2, f"--num_labels must be >= 2, got {self.num_labels}")
         _require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
@@ -190,6 +200,11 @@ class TrainConfig:
         under the same command even once that checkpoint has been pruned."""
 
     @property
+    def text_columns(self) -> tuple[str, ...]:
+        """The columns holding text: the tokenizer is trained on them, and a row without one is dropped."""
+        return (self.source_column, self.target_column) if self.task == "seq2seq" else (self.text_column,)
+
+    @property
     def checkpoints_dir(self) -> Path:
         return Path(self.output_dir) / "checkpoints"
 
@@ -199,6 +214,8 @@ class TrainConfig:
                 "num_labels", "dataset_name", "dataset_config_name", "train_file", "validation_file", "text_column",
                 "label_column", "validation_split_percentage", "block_size", "max_seq_length", "max_train_samples",
                 "seed")  # fmt: skip
+        if self.task == "seq2seq":  # only then: the settings recorded by other tasks' checkpoints stay equal
+            keys += ("source_column", "target_column", "source_prefix", "max_source_length", "max_target_length")
         return {k: getattr(self, k) for k in keys}
 
 

@@ -2,6 +2,7 @@
 
 - causal LM: the source of the stdlib's top-level modules, split into train/validation by file.
 - classification: functions extracted from the stdlib, labelled 1 if they come from its test suite, else 0.
+- seq2seq (code summarization): a documented library function without its docstring -> its docstring's first line.
 The split is a hash of the file's relative path, so it is the same on every machine with the same Python.
 """
 
@@ -146,4 +147,50 @@ def build_cls_corpus(cache: Path, validation_percentage: int = 5, max_per_class:
         records[split] += [{"text": r["text"], "label": label, "path": r["path"]} for r in rows[: cap[split]]]
     for rows in records.values():  # stable, interleaved order independent of the pool order above
         rows.sort(key=lambda r: hashlib.sha1(r["text"].encode()).hexdigest())
+    return _write_splits(target, records)
+
+
+def _documented_functions(path: Path, rel: str) -> list[dict]:
+    """{"source": the function without its docstring, "target": the docstring's first line} of `path`."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return []
+    lines = source.splitlines(keepends=True)
+    out = []
+    for node in _definitions(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+            continue
+        doc = ast.get_docstring(node)
+        summary = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+        if len(summary.split()) < 3:  # "Internal." and the like say nothing
+            continue
+        first, last = node.body[0].lineno - 1, node.body[0].end_lineno  # the docstring's lines
+        body = lines[node.lineno - 1 : first] + lines[last : node.end_lineno]
+        out.append({"source": textwrap.dedent("".join(body)), "target": summary, "path": rel, "line": node.lineno})
+    return out
+
+
+def build_s2s_corpus(cache: Path, validation_percentage: int = 5, max_train: int = 8000) -> dict[str, Path]:
+    """Train/validation jsonl of {"source", "target"}: stdlib library functions and their docstrings' first lines.
+
+    Split by file; at most `max_train` training pairs (and proportionally for validation), chosen by a stable hash.
+    """
+    root = stdlib_root()
+    files = [f for f in _library_files(root, "**/*.py") if not _is_test_code(f.relative_to(root))]
+    target = cache / "corpora" / f"stdlib_s2s-{_fingerprint(files, root, validation_percentage, max_train)}"
+    if target.exists():
+        return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
+    log.info(f"Building the embedded seq2seq corpus: documented functions of {len(files)} stdlib files (once)")
+    records: dict[str, list[dict]] = {"train": [], "validation": []}
+    for f in files:
+        rel = str(f.relative_to(root))
+        records[_split_of(rel, validation_percentage)].extend(_documented_functions(f, rel))
+    cap = {"train": max_train, "validation": max(1, max_train * validation_percentage // 100)}
+    for split, rows in records.items():
+        rows.sort(key=lambda r: hashlib.sha1(f"{r['path']}:{r['line']}".encode()).hexdigest())
+        records[split] = [{"source": r["source"], "target": r["target"], "path": r["path"]} for r in rows[: cap[split]]]
     return _write_splits(target, records)

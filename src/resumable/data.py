@@ -16,13 +16,20 @@ from pathlib import Path
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+from transformers import (
+    AutoTokenizer,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    PreTrainedTokenizerBase,
+    default_data_collator,
+)
 
 from resumable.config import TrainConfig, cache_root
-from resumable.corpus import build_cls_corpus, build_lm_corpus
+from resumable.corpus import build_cls_corpus, build_lm_corpus, build_s2s_corpus
 from resumable.data_checks import clean_split, diagnose_load_failure
 from resumable.errors import UserError
 from resumable.logs import get_logger
+from resumable.seq2seq import MODEL_COLUMNS, tokenize_pairs
 
 log = get_logger(__name__)
 datasets.disable_progress_bars()
@@ -56,7 +63,7 @@ def load_raw_datasets(cfg: TrainConfig) -> datasets.DatasetDict:
                 "validation": f"--validation_file {cfg.validation_file}",
             }
         else:
-            build = build_lm_corpus if cfg.task == "causal_lm" else build_cls_corpus
+            build = {"causal_lm": build_lm_corpus, "seq2seq": build_s2s_corpus}.get(cfg.task, build_cls_corpus)
             files = {k: str(v) for k, v in build(cache, pct).items()}
             sources = {k: f"embedded corpus {v}" for k, v in files.items()}
         builder = BUILDERS[Path(files["train"]).suffix]
@@ -114,7 +121,8 @@ def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTok
 
 def bpe_cache_dir(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     """Where the BPE tokenizer trained on `train` is cached: keyed by the data's fingerprint and the settings."""
-    key = hashlib.sha256(f"{train._fingerprint}:{cfg.text_column}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
+    columns = ":".join(cfg.text_columns)
+    key = hashlib.sha256(f"{train._fingerprint}:{columns}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
     return cache_root(cfg) / "tokenizers" / key[:16]
 
 
@@ -136,10 +144,12 @@ def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,  # its bar prints blank lines into logs; the INFO line above says what runs
     )
-    texts = (row[cfg.text_column] for row in train)
+    texts = (row[c] for row in train for c in cfg.text_columns)
     tok.train_from_iterator((t for t in texts if t), trainer=trainer, length=len(train))  # None: an empty cell
     if cfg.task == "sequence_classification":  # BERT-style pooling reads the first token
         tok.post_processor = processors.TemplateProcessing(single=f"{CLS} $A", special_tokens=[(CLS, 2)])
+    if cfg.task == "seq2seq":  # T5-style: sources and targets end with EOS
+        tok.post_processor = processors.TemplateProcessing(single=f"$A {EOS}", special_tokens=[(EOS, 0)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=EOS, pad_token=PAD)
     tmp = target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # one per builder
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +191,8 @@ def tokenize_datasets(
         for split, ds in raw.items():
             tok = ds.map(tokenize, remove_columns=ds.column_names, desc="tokenize", **common)
             out[split] = tok.map(group, desc=f"group into {block}-token blocks", **common)
+    elif cfg.task == "seq2seq":
+        out = tokenize_pairs(cfg, raw, tokenizer, common)
     else:
         labels = cfg.label_column
 
@@ -201,6 +213,8 @@ def tokenize_datasets(
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples:
         val = val.select(range(min(cfg.max_eval_samples, len(val))))
+    if cfg.task == "seq2seq":  # lists for DataCollatorForSeq2Seq to pad; the texts stay out of the batches
+        return train.with_format(None, columns=MODEL_COLUMNS), val.with_format(None, columns=MODEL_COLUMNS)
     return train.with_format("torch"), val.with_format("torch")
 
 
@@ -210,7 +224,7 @@ def tokenize_datasets(
 def build_dataloaders(
     cfg: TrainConfig, train: datasets.Dataset, val: datasets.Dataset, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[DataLoader, DataLoader]:
-    collate = default_data_collator if cfg.task == "causal_lm" else DataCollatorWithPadding(tokenizer)
+    collate = collator(cfg, tokenizer)
     common = {"collate_fn": collate, "num_workers": cfg.dataloader_num_workers}
     train_dl = DataLoader(
         train,
@@ -223,6 +237,15 @@ def build_dataloaders(
         val, batch_size=cfg.per_device_eval_batch_size, generator=torch.Generator().manual_seed(cfg.seed), **common
     )
     return train_dl, eval_dl
+
+
+def collator(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase):
+    """Fixed blocks as they are; dynamic padding for classification, and for seq2seq labels padded with -100."""
+    if cfg.task == "causal_lm":
+        return default_data_collator
+    if cfg.task == "seq2seq":
+        return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
+    return DataCollatorWithPadding(tokenizer)
 
 
 def data_fingerprint(train: datasets.Dataset, rows: int = 256) -> dict:

@@ -73,33 +73,37 @@ def clean_split(
     """
     if len(ds) == 0:
         raise UserError(f"{source}: no examples")
-    need = [cfg.text_column] + ([cfg.label_column] if cfg.task == "sequence_classification" else [])
-    for col in need:
-        flag = "--text_column" if col == cfg.text_column else "--label_column"
+    texts = cfg.text_columns
+    flags = {cfg.label_column: "--label_column", cfg.text_column: "--text_column"}
+    flags.update({cfg.source_column: "--source_column", cfg.target_column: "--target_column"} if len(texts) > 1 else {})
+    for col in [*texts] + ([cfg.label_column] if cfg.task == "sequence_classification" else []):
         if col not in ds.column_names:
-            raise UserError(f"{source}: no column {col!r} (set {flag}; columns: {', '.join(ds.column_names)})")
+            raise UserError(f"{source}: no column {col!r} (set {flags[col]}; columns: {', '.join(ds.column_names)})")
     if ds._indices is not None:  # row numbers in messages are the file's; a hub split may come pre-selected
         ds = ds.flatten_indices()
-    missing, blank = _empty_text(cfg.text_column, ds.data.column(cfg.text_column).combine_chunks(), source)
-    if pc.all(pc.or_kleene(missing, blank)).as_py():
-        raise UserError(f"{source}: column {cfg.text_column!r} is empty in every row ({len(ds)} rows)")
-    drop = missing if keep_blank else pc.or_kleene(missing, blank)
+    drop = pa.array([False] * len(ds))
+    for col in texts:
+        missing, blank = _empty_text(col, ds.data.column(col).combine_chunks(), source, flags[col])
+        if pc.all(pc.or_kleene(missing, blank)).as_py():
+            raise UserError(f"{source}: column {col!r} is empty in every row ({len(ds)} rows)")
+        drop = pc.or_kleene(drop, missing if keep_blank else pc.or_kleene(missing, blank))
     if cfg.task == "sequence_classification":
         ds = _check_labels(cfg, ds, source, pc.invert(drop), label_names)
     dropped = pc.sum(drop).as_py() or 0
     if dropped:  # only select when needed: an untouched dataset keeps its fingerprint, so every cache still hits
         ds = ds.select(pc.cast(pc.indices_nonzero(pc.invert(drop)), pa.int64()).to_numpy())
-        log.warning(f"{source}: dropped {dropped} of {dropped + len(ds)} rows whose {cfg.text_column!r} is empty")
+        which = " or ".join(repr(c) for c in texts)
+        log.warning(f"{source}: dropped {dropped} of {dropped + len(ds)} rows whose {which} is empty")
     return ds
 
 
-def _empty_text(column: str, col: pa.Array, source: str) -> tuple[pa.Array, pa.Array]:
+def _empty_text(column: str, col: pa.Array, source: str, flag: str) -> tuple[pa.Array, pa.Array]:
     """(missing, blank) masks of a text column."""
     if pa.types.is_null(col.type) or col.null_count == len(col):  # a CSV column with no text at all is float64
         everywhere = pa.array([True] * len(col))
         return everywhere, everywhere
     if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise UserError(f"{source}: column {column!r} holds {col.type} values, not text (set --text_column)")
+        raise UserError(f"{source}: column {column!r} holds {col.type} values, not text (set {flag})")
     return pc.is_null(col), pc.fill_null(pc.equal(pc.utf8_length(col), 0), False)
 
 

@@ -223,8 +223,10 @@ def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
         st = path.stat()
         if st.st_size != meta["size"]:
             return f"{name} has {st.st_size} bytes, manifest says {meta['size']}"
-        stats.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
-    key = (manifest["manifest_sha256"], tuple(stats))
+        if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
+            return f"{name} is a symbolic link or leads out of the checkpoint (refused: it could be anything)"
+        stats.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    key = (str(folder.resolve()), manifest["manifest_sha256"], tuple(stats))
     if not deep or key in _VERIFIED:  # this process hashed these very files already (the same inodes, unchanged)
         return None
     started = time.perf_counter()

@@ -14,15 +14,22 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
+from resumable.seq2seq import generation_for  # noqa: F401 (train.py imports the evaluation's parts from here)
+
 
 @torch.no_grad()
 def evaluate(
-    accelerator: Accelerator, model: torch.nn.Module, loader: DataLoader, task: str, should_abort: Callable[[], bool]
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    loader: DataLoader,
+    task: str,
+    should_abort: Callable[[], bool],
+    generation=None,
 ) -> dict[str, float] | None:
     """Metrics over the whole validation set, gathered across processes; None if every rank agreed to abort.
 
-    Evaluation draws no random numbers (eval mode, a loader with its own generator), so running it or not
-    leaves training bit-for-bit the same.
+    Evaluation draws no random numbers (eval mode, a loader with its own generator, greedy generation), so running
+    it or not leaves training bit-for-bit the same. `generation` (seq2seq.py) adds the scores of generated text.
     """
     was_training = model.training
     model.eval()
@@ -33,9 +40,9 @@ def evaluate(
             if accelerator.reduce(flag, "sum").item() > 0:  # every rank breaks at the same batch
                 return None
             out = model(**batch)
-            if task == "causal_lm":
-                # position t scores token t+1: shift the labels, not the logits (no copy of the biggest tensor)
-                labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+            if task in ("causal_lm", "seq2seq"):
+                # causal: position t scores token t+1: shift the labels, not the logits (no copy of the biggest tensor)
+                labels = F.pad(batch["labels"][:, 1:], (0, 1), value=-100) if task == "causal_lm" else batch["labels"]
                 logits = out.logits.flatten(0, 1).float()  # a no-op in fp32; one fp32 copy of half logits
                 nll = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="none").view_as(labels)
                 mask = (labels != -100).float()
@@ -43,9 +50,14 @@ def evaluate(
             else:
                 loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
                 parts.append(accelerator.gather_for_metrics((loss, out.logits.argmax(-1), batch["labels"])))
+        generated = generation.run(accelerator, model, should_abort) if generation is not None else {}
+        if generated is None:
+            return None
     finally:
         model.train(was_training)
     cols = [torch.cat(c).cpu() for c in zip(*parts)]
+    if task == "seq2seq":
+        return {"eval/loss": (cols[0].sum() / cols[1].sum()).item(), **generated}
     if task == "causal_lm":
         loss = (cols[0].sum() / cols[1].sum()).item()
         return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))}
@@ -62,8 +74,9 @@ def classification_scores(labels: list[int], preds: list[int]) -> dict[str, floa
     return {"eval/accuracy": accuracy_score(labels, preds), "eval/precision": p, "eval/recall": r, "eval/f1": f}
 
 
-def baselines(task: str, train, val, max_tokens: int = 2**26) -> dict[str, float]:
-    """What a model that learned nothing would score: unigram perplexity, or the majority-class F1.
+def baselines(task: str, train, val, max_tokens: int = 2**26, generate_samples: int = 64) -> dict[str, float]:
+    """What a model that learned nothing would score: unigram perplexity, the majority-class F1, or (seq2seq) naming
+    the function on the `generate_samples` examples evaluation generates for.
 
     Token counts are accumulated chunk by chunk (memory: one chunk, not the tokenized corpus), over at most
     `max_tokens` tokens per split, taken from evenly spaced chunks of a larger one."""
@@ -73,6 +86,10 @@ def baselines(task: str, train, val, max_tokens: int = 2**26) -> dict[str, float
         counts = np.pad(counts, (0, size - len(counts))).astype(np.float64) + 1.0
         logp = np.log(counts / counts.sum())[: len(val_counts)]
         return {"baseline/unigram_perplexity": math.exp(-float((val_counts * logp).sum() / val_counts.sum()))}
+    if task == "seq2seq":
+        from resumable.seq2seq import baseline
+
+        return baseline(val, generate_samples)
     labels = train.select_columns(["labels"])[:]["labels"].tolist()
     majority = max(set(labels), key=labels.count)
     val_labels = val.select_columns(["labels"])[:]["labels"].tolist()

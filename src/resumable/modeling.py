@@ -6,6 +6,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     PretrainedConfig,
     PreTrainedTokenizerBase,
@@ -21,8 +22,14 @@ TINY = {
         "bert",
         {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 128, "intermediate_size": 256},
     ),
+    "seq2seq": ("t5", {"num_layers": 2, "num_decoder_layers": 2, "num_heads": 4, "d_model": 128, "d_kv": 32,
+                       "d_ff": 256, "dropout_rate": 0.1}),
+}  # fmt: skip
+AUTO_MODEL = {
+    "causal_lm": AutoModelForCausalLM,
+    "sequence_classification": AutoModelForSequenceClassification,
+    "seq2seq": AutoModelForSeq2SeqLM,
 }
-AUTO_MODEL = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
 POSITION_FIELDS = ("n_positions", "max_position_embeddings")
 # RoBERTa-style position ids start after the padding index, so `pad_token_id + 1` of the table is never usable
 # (roberta-base: 514 positions, 512 tokens).
@@ -43,6 +50,8 @@ def model_positions(config: PretrainedConfig) -> int | None:
 
 
 def _needed_length(cfg: TrainConfig) -> tuple[str, int]:
+    if cfg.task == "seq2seq":  # the target side is never longer here than a source may be
+        return "--max_source_length", max(cfg.max_source_length, cfg.max_target_length, cfg.generation_max_length)
     return ("--block_size", cfg.block_size) if cfg.task == "causal_lm" else ("--max_seq_length", cfg.max_seq_length)
 
 
@@ -112,6 +121,8 @@ def build_model_config(
     if not cfg.model_name_or_path:
         config.vocab_size = len(tokenizer)
         config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+        if cfg.task == "seq2seq":  # T5's convention: the decoder starts from the pad token
+            config.decoder_start_token_id = tokenizer.pad_token_id
     config.pad_token_id = tokenizer.pad_token_id
     _apply_overrides(cfg, config)
     if cfg.task == "sequence_classification" and label_names:

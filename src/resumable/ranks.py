@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import secrets
 import shutil
 import socket
 from datetime import timedelta
@@ -83,17 +84,38 @@ class Ranks:
     @contextlib.contextmanager
     def in_turn(self):
         """Rank 0 first, then the first process of every other node, then the rest: a cache one of them builds
-        is reused by the next, and no two processes of one node build the same cache at once."""
-        first, second = self.is_main, self.is_local_main and not self.is_main
-        if not first:
-            self.wait()
-            if not second:
-                self.wait()
-        yield
-        if first:
-            self.wait()
-        if first or second:
-            self.wait()
+        is reused by the next, and no two processes of one node build the same cache at once. An error in one
+        rank's turn (a bad data file) is raised on every rank, as one line, at the end of that turn."""
+        if self.world == 1:
+            yield
+            return
+        turn = 0 if self.is_main else 1 if self.is_local_main else 2
+        for phase in range(3):
+            failure = None
+            if phase == turn:
+                try:
+                    yield
+                except Exception as err:  # raised again below, on this rank as it is, on the others as one line
+                    failure = err
+            self.raise_any(failure, "preparing the data")
+
+    def raise_any(self, failure: Exception | None, doing: str) -> None:
+        """Collective: if any rank failed (`failure`), raise on every rank: the failing rank its own exception, the
+        others a UserError with its one line."""
+        if self.world == 1:
+            if failure is not None:
+                raise failure
+            return
+        code = getattr(failure, "exit_code", 1)
+        reports = self.all_gather(None if failure is None else (code, str(failure).splitlines()[0][:500]))
+        if failure is not None:
+            raise failure
+        bad = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+        if bad:
+            rank, (code, line) = bad[0]
+            error = UserError(f"rank {rank} failed {doing}: {line}")
+            error.exit_code = code
+            raise error
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,7 +130,32 @@ def ranks(accelerator) -> Ranks:
 def _listing(folder: Path) -> dict[str, int]:
     if not folder.is_dir():
         return {}
-    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != OWNER)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in files}
+
+
+OWNER = ".owner"  # in rank 0's temporary folder of a save: which ranks see that very folder
+
+
+def prepare_separate(team: Ranks, tmp: Path) -> None:
+    """Before `save_state`, after rank 0 made `tmp` afresh: a rank that sees another folder under that name (another
+    node's staging folder) has it emptied by its node's first rank, so that no file of an earlier, killed save
+    there can be taken into this checkpoint."""
+    if team.world == 1 or team.group is None:
+        return
+    nonce = team.broadcast(secrets.token_hex(8) if team.is_main else None)
+    if team.is_main:
+        (tmp / OWNER).write_text(nonce)
+    team.wait()
+    try:
+        sees = (tmp / OWNER).read_text() == nonce
+    except OSError:
+        sees = False
+    views = team.all_gather((host(), str(tmp.absolute()), sees))
+    if not sees and views.index(views[team.rank]) == team.rank:  # the first rank of this view
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    team.wait()
 
 
 def collect_rank_files(team: Ranks, tmp: Path) -> bool:
@@ -118,7 +165,7 @@ def collect_rank_files(team: Ranks, tmp: Path) -> bool:
     rank removes once the checkpoint is committed. Raises UserError on every rank when the files rank 0 lacks are
     too large to send (per-rank shards: they belong on a folder every node shares).
     """
-    if team.world == 1:
+    if team.world == 1 or team.group is None:  # XLA: no torch.distributed; TPU hosts share the staging folder
         return False
     listings = team.all_gather(_listing(tmp))
     main = listings[0]
@@ -145,6 +192,11 @@ def collect_rank_files(team: Ranks, tmp: Path) -> bool:
             (tmp / name).write_bytes(data)
     log.debug(f"{tmp.name}: received {len(owner)} file(s) from rank(s) {ranks_missing} ({total} bytes)")
     return separate
+
+
+def drop_owner(tmp: Path) -> None:
+    """Rank 0, before the commit: the marker is not part of the checkpoint."""
+    (tmp / OWNER).unlink(missing_ok=True)
 
 
 def discard_separate(tmp: Path, separate: bool) -> None:

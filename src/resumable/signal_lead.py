@@ -87,10 +87,15 @@ def measured_costs(output_dir: Path) -> tuple[float | None, float | None]:
     return (statistics.median(gaps) if gaps else None), (max(saves) if saves else None)
 
 
-def shutdown_timeout(output_dir: Path, floor: int = 30, unmeasured: int = 120) -> int:
+def shutdown_timeout(output_dir: Path | str, floor: int = 30, unmeasured: int = 120) -> int:
     """Seconds torchrun should give the training processes between its SIGTERM and its SIGKILL
     (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 by default whatever the checkpoint size): 2 x (one step + one save) as
     measured by earlier runs of this output dir, plus 10 s to exit; `unmeasured` before any was."""
+    if "://" in str(output_dir):  # a remote run measures in its local staging folder (RESUMABLE_CACHE)
+        from resumable.config import cache_root
+        from resumable.object_store import staging_dir
+
+        output_dir = staging_dir(str(output_dir), cache_root())
     step_s, save_s = measured_costs(Path(output_dir))
     if save_s is None:
         return unmeasured
@@ -129,4 +134,4 @@ if __name__ == "__main__":  # python -m resumable.signal_lead --shutdown-timeout
 
     if sys.argv[1:2] != ["--shutdown-timeout"] or len(sys.argv) != 3:
         sys.exit("usage: python -m resumable.signal_lead --shutdown-timeout OUTPUT_DIR")
-    print(shutdown_timeout(Path(sys.argv[2])))
+    print(shutdown_timeout(sys.argv[2]))
