@@ -6,7 +6,7 @@ import json
 import subprocess
 
 import pytest
-from conftest import PYTHON, REPO, TINY_S2S, TRAIN, assert_bitwise_same_run, ok, train_records
+from conftest import PYTHON, REPO, TINY_S2S, TRAIN, Run, assert_bitwise_same_run, ok, train_records
 from test_resume_exact import kill_and_resume, reference
 
 from resumable.corpus import build_s2s_corpus
@@ -68,6 +68,11 @@ def test_an_exported_seq2seq_checkpoint_generates(tmp_path, tmp_path_factory, ca
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "x")
     out = model.generate(**tokenizer(["def add(a, b):\n    return a + b\n"], return_tensors="pt"), max_new_tokens=4)
     assert out.shape[0] == 1 and model.config.decoder_start_token_id == tokenizer.pad_token_id
+    # the pretrained path (what `--model_name_or_path t5-small` takes), from the locally saved model and tokenizer
+    args = [a for a in TINY_S2S if a != "--config_overrides" and not a.startswith("num_layers=")]
+    tuned = ok(Run([*args, "--model_name_or_path", str(tmp_path / "x"), "--max_steps", "5"], tmp_path / "ft",
+                   cache_dir).run())  # fmt: skip
+    assert "eval/rougeL" in json.loads(tuned.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -166,6 +167,7 @@ def _documented_functions(path: Path, rel: str) -> list[dict]:
             continue
         doc = ast.get_docstring(node)
         summary = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+        summary = re.sub(r":\w+:|[`*]", "", summary)  # reST markup (``x``, :func:`y`) is not the summary
         if len(summary.split()) < 3:  # "Internal." and the like say nothing
             continue
         first, last = node.body[0].lineno - 1, node.body[0].end_lineno  # the docstring's lines
@@ -181,7 +183,8 @@ def build_s2s_corpus(cache: Path, validation_percentage: int = 5, max_train: int
     """
     root = stdlib_root()
     files = [f for f in _library_files(root, "**/*.py") if not _is_test_code(f.relative_to(root))]
-    target = cache / "corpora" / f"stdlib_s2s-{_fingerprint(files, root, validation_percentage, max_train)}"
+    key = _fingerprint(files, root, validation_percentage, max_train, "v2")  # v2: reST markup stripped
+    target = cache / "corpora" / f"stdlib_s2s-{key}"
     if target.exists():
         return {s: target / f"{s}.jsonl" for s in ("train", "validation")}
     log.info(f"Building the embedded seq2seq corpus: documented functions of {len(files)} stdlib files (once)")
