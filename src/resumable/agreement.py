@@ -29,7 +29,7 @@ def agree_on_plan(team: Ranks, cfg: TrainConfig, mirror=None) -> ResumePlan:
         _, code, message = shared
         raise (EnvironmentFailure if code == EnvironmentFailure.exit_code else UserError)(message)
     _, plan, seen = shared
-    if team.world == 1 or plan.resume is None or plan.complete:
+    if team.world == 1 or plan.resume is None or plan.complete or team.group is None:  # XLA: one shared folder
         return plan
     local = cfg.checkpoints_dir / plan.resume.name if seen["in_store"] else plan.resume
     views = team.all_gather((host(), str(local.absolute())))

@@ -226,7 +226,7 @@ def verify_checkpoint(folder: Path, deep: bool = True) -> str | None:
         if path.is_symlink() or not path.resolve().is_relative_to(folder.resolve()):
             return f"{name} is a symbolic link or leads out of the checkpoint (refused: it could be anything)"
         stats.append((name, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    key = (str(folder.resolve()), manifest["manifest_sha256"], tuple(stats))
+    key = (manifest["manifest_sha256"], tuple(stats))  # (device, inode) is the file, wherever renamed to
     if not deep or key in _VERIFIED:  # this process hashed these very files already (the same inodes, unchanged)
         return None
     started = time.perf_counter()

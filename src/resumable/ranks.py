@@ -102,7 +102,9 @@ class Ranks:
     def raise_any(self, failure: Exception | None, doing: str) -> None:
         """Collective: if any rank failed (`failure`), raise on every rank: the failing rank its own exception, the
         others a UserError with its one line."""
-        if self.world == 1:
+        if self.world == 1 or self.group is None:  # XLA: no side group; a failing rank stops the job as it is
+            if self.world > 1:
+                self.wait()
             if failure is not None:
                 raise failure
             return
