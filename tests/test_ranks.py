@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import PYTHON, REPO, TINY_LM, Run, checkpoint_steps, logged_steps, ok
 
-from resumable.checkpoint import unrestored_generators
+from resumable.random_state import unrestored_generators
 from resumable.signal_lead import shutdown_timeout
 
 

@@ -104,15 +104,22 @@ def _definitions(tree: ast.Module):
             stack.extend(getattr(node, field, None) or ())
 
 
-def _functions(path: Path, rel: str) -> list[dict]:
+def _parse(path: Path) -> tuple[ast.Module, list[str]] | None:
+    """A stdlib file's syntax tree and lines; None for the few deliberately broken files of its own tests."""
     try:
         source = path.read_text(encoding="utf-8")
         with warnings.catch_warnings():  # old escape sequences in the stdlib's own test data
             warnings.simplefilter("ignore")
             tree = ast.parse(source)
     except (SyntaxError, UnicodeDecodeError, ValueError):
-        return []  # the stdlib ships a few deliberately broken files for its own tests
-    lines = source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: quadratic
+        return None
+    return tree, source.splitlines(keepends=True)  # ast.get_source_segment re-splits per call: quadratic
+
+
+def _functions(path: Path, rel: str) -> list[dict]:
+    if (parsed := _parse(path)) is None:
+        return []
+    tree, lines = parsed
     out = []
     for node in _definitions(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -153,14 +160,9 @@ def build_cls_corpus(cache: Path, validation_percentage: int = 5, max_per_class:
 
 def _documented_functions(path: Path, rel: str) -> list[dict]:
     """{"source": the function without its docstring, "target": the docstring's first line} of `path`."""
-    try:
-        source = path.read_text(encoding="utf-8")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
+    if (parsed := _parse(path)) is None:
         return []
-    lines = source.splitlines(keepends=True)
+    tree, lines = parsed
     out = []
     for node in _definitions(tree):
         if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
