@@ -21,10 +21,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without installing
 
 from resumable.checkpoint import list_checkpoints, newer_format, read_manifest, verify_checkpoint
-from resumable.checkpoint_tools import UNUSABLE_EXIT_CODE, human, refuse_newer_format
+from resumable.checkpoint_tools import UNUSABLE_EXIT_CODE, refuse_newer_format
 from resumable.disk import folder_bytes
 from resumable.errors import UserError, exit_on_user_error
 from resumable.export import COMPLETE
+from resumable.inspection import human
 from resumable.remote import is_remote
 from resumable.retention import RetentionPolicy, describe, pools, remove_checkpoint
 from resumable.run_dir import (
@@ -139,15 +140,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from resumable.checkpoint_tools import SUMMARIES
+    from resumable.inspection import summary_for, summary_order
 
     folder = open_checkpoint(args.path)
     refuse_newer_format(folder)  # its files may not mean what this version's summaries assume
     reason = verify_checkpoint(folder, deep=True)
     print(f"checkpoint {folder}: {'valid' if reason is None else 'INVALID: ' + reason}")
     failed = reason is not None
-    for name, summarise in SUMMARIES.items():
-        if not (folder / name).is_file():
+    files = sorted((p.name for p in folder.iterdir() if p.is_file()), key=summary_order)
+    for name, summarise in ((n, summary_for(n)) for n in files):
+        if summarise is None:
             continue
         print(f"\n{name} ({human((folder / name).stat().st_size)})")
         try:
@@ -155,7 +157,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         except (UserError, ValueError, OSError) as err:  # show the rest: inspecting a damaged checkpoint is the point
             lines, failed = [f"ERROR: {err}"], True
         print("\n".join(f"  {line}" for line in lines))
-    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name not in SUMMARIES)
+    others = [n for n in files if summary_for(n) is None]
     if others:
         print(f"\nother files (not opened): {', '.join(others)}")
     shards = sorted(p for p in folder.rglob("*") if p.is_file() and p.parent != folder)  # DeepSpeed's per-rank files

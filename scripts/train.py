@@ -62,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import get_scheduler
     from transformers.utils.logging import disable_progress_bar
 
-    from resumable.data import build_dataloaders, data_fingerprint, load_raw_datasets, load_tokenizer, tokenize_datasets
+    from resumable.data import build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
     from resumable.data_checks import label_names
     from resumable.disk_space import require_disk
     from resumable.divergence import NanGuard, poison, skip_update, stop_diverged
+    from resumable.feed import feed_for
     from resumable.metrics import TrainLog, baselines, evaluate, example_hashes, generation_for
     from resumable.modeling import build_model, check_model_limits
     from resumable.restore import restore
@@ -108,14 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     check_model_limits(cfg)  # the model's config only: an unknown or unreachable model fails before the data work
     set_seed(cfg.seed)
     with team.in_turn():  # rank 0 builds corpora, tokenizer and caches; then each node's first; then the rest
-        raw = load_raw_datasets(cfg)
+        raw = load_raw_datasets(cfg)  # --streaming: validation and the stream's first rows
         tokenizer = load_tokenizer(cfg, raw)
-        train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)
-    fingerprint = data_fingerprint(train_ds)
+        train_ds, eval_ds = tokenize_datasets(cfg, raw, tokenizer)  # --streaming: train_ds is read as it goes
     train_dl, eval_dl = build_dataloaders(cfg, train_ds, eval_ds, tokenizer)
     generation = generation_for(cfg, eval_ds, tokenizer, eval_dl.collate_fn)  # seq2seq: generated text is scored
     unit = f"blocks of {cfg.block_size} tokens" if cfg.task == "causal_lm" else "examples"
-    log.info(f"Data: {len(train_ds)} training and {len(eval_ds)} validation {unit}")
+    log.info(f"Data: {'streamed' if cfg.streaming else len(train_ds)} training and {len(eval_ds)} validation {unit}")
 
     # --- model, optimizer, scheduler
     set_seed(cfg.seed)  # model init must not depend on how much randomness data preparation used
@@ -131,13 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3: placeholders
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
-    batches_per_epoch = len(train_dl)  # per process, after sharding
+    feed = feed_for(accelerator, cfg, train_dl, train_ds, team)  # where in the data the loop is, and how it gets back
     saved = read_progress(resume_dir) if resume_dir is not None else None
-    total_steps = plan_total_steps(cfg, batches_per_epoch, (world, bs, ga), saved)
+    total_steps = plan_total_steps(cfg, feed.batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
     scheduler = backend.prepare_scheduler(scheduler, optimizer)
     log.info(f"Model: {n_params:,} parameters (weight decay on {len(decay)} of {len(decay) + len(no_decay)} tensors); "
-             f"{batches_per_epoch} micro-batches of {bs} per process per epoch, global batch {world * bs * ga}, "
+             f"{feed.describe()}, global batch {world * bs * ga}, "
              f"{total_steps} steps in total")  # fmt: skip
 
     # --- resume (the output dir is touched from here on)
@@ -155,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             mirror.push_missing()  # checkpoints an earlier run committed but never finished uploading
         log.info(f"Checkpoints: {cfg.checkpoints_dir} ({'resuming' if resume_dir else 'fresh start'})")
     team.wait()
-    progress, resume_msg = restore(
-        accelerator, cfg, plan, (world, bs, ga), batches_per_epoch, fingerprint, scheduler, total_steps
-    )
+    progress, resume_msg = restore(accelerator, cfg, plan, (world, bs, ga), feed, scheduler, total_steps)
     train_log = TrainLog(out / "train_log.jsonl")
     if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
         train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)
@@ -209,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             team.wait()
         else:
             recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
-            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded)
+            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded, feed.checkpoint_files())
         if is_main:
             prune_checkpoints(cfg.checkpoints_dir, policy)
             if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
@@ -230,19 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     steps_this_run = 0
     model.train()
     while progress.step < total_steps and not interrupted:
-        train_dl.set_epoch(progress.epoch)  # must precede skip_first_batches: its new loader shares the sampler
-        batches, micro = train_dl, progress.batches_in_epoch
-        window_start = micro  # accumulation windows count from here (an elastic resume may start mid-window)
         t0 = time.perf_counter()
-        if micro:
-            batches = accelerator.skip_first_batches(train_dl, micro)  # index level: skipped batches are never loaded
+        batches, micro = feed.epoch(progress)  # index level or a stream's cursors: skipped data is never read
+        window_start = micro  # accumulation windows count from here (an elastic resume may start mid-window)
         window_loss = torch.zeros((), device=accelerator.device)
         t_step = time.perf_counter()
         for batch in batches:
             if resume_msg:  # one line, once the first resumed batch is in hand
                 log.info(f"{resume_msg}; fast-forwarded {micro} batches in {(time.perf_counter() - t0) * 1e3:.1f} ms")
                 resume_msg = ""
-            window = min(ga, batches_per_epoch - window_start)  # the epoch's last window may be short
+            window = feed.window(window_start)  # the epoch's last window may be short
             last_micro = micro - window_start == window - 1
             if samples_log:
                 samples_log.append(
@@ -280,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.samples_seen += window * bs * world
             progress.samples_in_epoch += window * bs * world
             progress.batches_in_epoch = window_start = micro
-            if micro == batches_per_epoch:
+            if feed.epoch_done(micro):
                 progress.epoch, progress.batches_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
             # --- log, evaluate, save
             if is_main:
@@ -326,14 +321,16 @@ def main(argv: list[str] | None = None) -> int:
     save()
     weights = backend.gather_weights(model, cfg.checkpoints_dir / step_name(progress.step))  # every rank
     if is_main:
-        epochs = progress.epoch + progress.batches_in_epoch / batches_per_epoch
+        epochs = feed.epochs(progress)
         final_metrics = finish_run(
             out,
             accelerator.unwrap_model(model),
             weights,
             tokenizer,
             progress,
-            baselines(cfg.task, train_ds, eval_ds, generate_samples=cfg.eval_generate_samples),
+            baselines(
+                cfg.task, getattr(train_ds, "head", train_ds), eval_ds, generate_samples=cfg.eval_generate_samples
+            ),
             complete_record(cfg, progress.step, epochs),
         )
         if mirror:

@@ -81,9 +81,12 @@ def step_name(step: int) -> str:
 
 
 def save_checkpoint(
-    accelerator: Accelerator, checkpoints_dir: Path, progress: Progress, extra: dict | None = None
-) -> Path:
+    accelerator: Accelerator, checkpoints_dir: Path, progress: Progress, extra: dict | None = None,
+    rank_files: dict | None = None,
+) -> Path:  # fmt: skip
     """Commit the full training state at `progress.step`; every process must call this. Returns the folder.
+
+    `rank_files`: this process's own JSON files (a stream position), committed beside accelerate's RNG files.
 
     A full disk removes the temporary folder and raises EnvironmentFailure (exit 74) naming the checkpoint that
     is still intact; nothing committed before is touched.
@@ -98,6 +101,8 @@ def save_checkpoint(
         team.wait()
         prepare_separate(team, tmp)  # another node's staging folder starts empty too
         accelerator.save_state(str(tmp))
+        for name, content in (rank_files or {}).items():
+            _write_json(tmp / name, content)
         team.wait()
         separate = collect_rank_files(team, tmp)  # another node's staging folder: its files go to rank 0
         if accelerator.is_main_process:

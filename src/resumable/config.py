@@ -60,7 +60,7 @@ class TrainConfig:
     # --- Data
     dataset_name: str | None = _f(None, "Hub dataset id (needs network); default: the embedded stdlib corpus.")
     dataset_config_name: str | None = _f(None, "Hub dataset configuration name.")
-    train_file: str | None = _f(None, "Training data file (.txt/.csv/.json/.jsonl).")
+    train_file: str | None = _f(None, "Training data file (.txt/.csv/.json/.jsonl); streaming: a glob of shards.")
     validation_file: str | None = _f(None, "Validation data file (.txt/.csv/.json/.jsonl).")
     text_column: str = _f("text", "Column holding the text.")
     label_column: str = _f("label", "Column holding the label (sequence_classification).")
@@ -74,6 +74,8 @@ class TrainConfig:
     max_target_length: int = _f(64, "Truncate targets to this many tokens (seq2seq).")
     generation_max_length: int = _f(64, "Most tokens generated per example in evaluation (seq2seq).")
     eval_generate_samples: int = _f(64, "Validation examples generated and scored (ROUGE-L, BLEU) per evaluation.")
+    streaming: bool = _f(False, "Stream the training data, tokenized and packed on the fly (causal_lm; --max_steps).")
+    shuffle_buffer: int = _f(256, "Streaming: blocks shuffled together in one window of a stream (1: file order).")
     max_train_samples: int | None = _f(None, "Keep only the first N training examples (after tokenization).")
     max_eval_samples: int | None = _f(None, "Keep only the first N validation examples (after tokenization).")
     preprocessing_num_workers: int | None = _f(None, "Processes for tokenization (datasets .map).")
@@ -173,8 +175,12 @@ class TrainConfig:
             "--dataset_name and --train_file/--validation_file are exclusive",
         )
         _require(not (self.validation_file and not self.train_file), "--validation_file needs --train_file")
+        if self.streaming:
+            from resumable.stream import check_stream_flags
+
+            check_stream_flags(self)
         for name in ("train_file", "validation_file"):
-            if getattr(self, name):
+            if getattr(self, name) and not (self.streaming and name == "train_file"):
                 _check_data_file(name, Path(getattr(self, name)))
         self._check_resume()
         allowed = TASK_METRICS[self.task]
@@ -216,6 +222,8 @@ class TrainConfig:
                 "seed")  # fmt: skip
         if self.task == "seq2seq":  # only then: the settings recorded by other tasks' checkpoints stay equal
             keys += ("source_column", "target_column", "source_prefix", "max_source_length", "max_target_length")
+        if self.streaming:  # the streams' order depends on both
+            keys += ("streaming", "shuffle_buffer", "dataloader_num_workers")
         return {k: getattr(self, k) for k in keys}
 
 

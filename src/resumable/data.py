@@ -15,7 +15,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from transformers import (
     AutoTokenizer,
     DataCollatorForSeq2Seq,
@@ -49,6 +49,10 @@ def load_raw_datasets(cfg: TrainConfig) -> datasets.DatasetDict:
     cache = cache_root(cfg)
     hf_cache = str(cache / "datasets")
     pct = cfg.validation_split_percentage
+    if cfg.streaming:  # training rows are read when needed (stream.py); validation and the first rows are loaded
+        from resumable.stream import stream_raw
+
+        return stream_raw(cfg, cache, hf_cache)
     builder = None
     if cfg.dataset_name:
         raw = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, cache_dir=hf_cache)
@@ -207,15 +211,19 @@ def tokenize_datasets(
             for split, ds in raw.items()
         }
     train, val = out["train"], out["validation"]
-    if len(train) == 0:
+    if cfg.streaming:  # tokenized as it is read; its first rows (tokenized here) serve the unigram baseline
+        from resumable.stream import packed_stream
+
+        train = packed_stream(cfg, raw.shards, tokenizer, head=train.with_format("torch"))
+    elif len(train) == 0:
         raise UserError(f"training data yields no {cfg.block_size}-token block (lower --block_size)")
-    if cfg.max_train_samples:
+    if cfg.max_train_samples:  # (not with --streaming)
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples:
         val = val.select(range(min(cfg.max_eval_samples, len(val))))
     if cfg.task == "seq2seq":  # lists for DataCollatorForSeq2Seq to pad; the texts stay out of the batches
         return train.with_format(None, columns=MODEL_COLUMNS), val.with_format(None, columns=MODEL_COLUMNS)
-    return train.with_format("torch"), val.with_format("torch")
+    return (train if cfg.streaming else train.with_format("torch")), val.with_format("torch")
 
 
 # --- loaders
@@ -226,12 +234,16 @@ def build_dataloaders(
 ) -> tuple[DataLoader, DataLoader]:
     collate = collator(cfg, tokenizer)
     common = {"collate_fn": collate, "num_workers": cfg.dataloader_num_workers}
-    train_dl = DataLoader(
-        train,
-        shuffle=True,
-        batch_size=cfg.per_device_train_batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-        **common,
+    train_dl = (
+        train
+        if isinstance(train, IterableDataset)
+        else DataLoader(  # a stream: its feed reads it
+            train,
+            shuffle=True,
+            batch_size=cfg.per_device_train_batch_size,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            **common,
+        )
     )
     eval_dl = DataLoader(
         val, batch_size=cfg.per_device_eval_batch_size, generator=torch.Generator().manual_seed(cfg.seed), **common
@@ -246,54 +258,3 @@ def collator(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase):
     if cfg.task == "seq2seq":
         return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100)
     return DataCollatorWithPadding(tokenizer)
-
-
-def data_fingerprint(train: datasets.Dataset, rows: int = 256) -> dict:
-    """What a saved position is a position in: the example count and a hash of evenly spaced tokenized examples.
-
-    Content-based (not file times), so copying the data to another node keeps it, and cheap at any size.
-    """
-    n = len(train)
-    picks = sorted({round(i * (n - 1) / max(rows - 1, 1)) for i in range(min(rows, n))})
-    digest = hashlib.sha256()
-    columns = [c for c in ("input_ids", "labels") if c in train.column_names]
-    for row in train.select(picks).with_format(None).select_columns(columns):
-        digest.update(repr([row[c] for c in columns]).encode())
-    return {"examples": n, "sample_sha256": digest.hexdigest()[:16]}
-
-
-def check_same_data(cfg: TrainConfig, checkpoint: Path, saved: dict | None, now: dict) -> None:
-    """Refuse to resume a position in data that changed since (a file edited in place, an unpinned hub dataset)."""
-    if saved is None or saved == now:  # None: a checkpoint from before fingerprints were recorded
-        return
-    source = (
-        cfg.train_file and f"--train_file {cfg.train_file}" or cfg.dataset_name and f"--dataset_name {cfg.dataset_name}"
-    )
-    what = f"{saved['examples']} examples then, {now['examples']} now" if saved["examples"] != now["examples"] else (
-        f"same count ({now['examples']}), different content")  # fmt: skip
-    raise UserError(
-        f"{source or 'the embedded corpus'}: the training data changed since {checkpoint} ({what}), so its saved "
-        "position would skip or repeat examples; restore the data, or pass --resume_from_checkpoint none to start "
-        "over (the old run is moved aside, not deleted)"
-    )
-
-
-def batches_to_skip(saved_layout: tuple[int, int, int], layout: tuple[int, int, int], samples_in_epoch: int,
-                    batches_in_epoch: int) -> tuple[int, str]:  # fmt: skip
-    """Micro-batches each process skips to resume the epoch, for a (world size, batch, accumulation) layout.
-
-    The shuffle order is the same permutation whatever the layout; the position is kept in samples, so a
-    different number of processes or per-device batch resumes at the same sample. Returns (skip, note).
-    """
-    if saved_layout[:2] == layout[:2]:
-        return batches_in_epoch, ""
-    world, batch, accumulation = layout
-    skip, extra = divmod(samples_in_epoch, world * batch)
-    note = (
-        f"elastic resume: saved as {saved_layout[0]} process(es) x batch {saved_layout[1]} x accumulation "
-        f"{saved_layout[2]}, now {world} x {batch} x {accumulation}; {samples_in_epoch} samples into the epoch "
-        f"= {skip} batches per process"
-    )
-    if extra:
-        note += f" ({extra} samples of the next batch will be seen again)"
-    return skip, note

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from resumable.checkpoint import Progress, load_checkpoint
 from resumable.config import TrainConfig
-from resumable.data import batches_to_skip, check_same_data
-from resumable.errors import UserError
+from resumable.feed import check_same_data
 from resumable.logs import get_logger
 from resumable.resume_plan import ResumePlan, reschedule
 
@@ -16,8 +15,8 @@ log = get_logger(__name__)
 RUN_ID_FILE = "tracker_run_id"  # listed in resume_plan.RUN_FILES
 
 
-def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, int, int], batches_per_epoch: int,
-            fingerprint: dict, scheduler, total_steps: int) -> tuple[Progress, str]:  # fmt: skip
+def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, int, int], feed, scheduler,
+            total_steps: int) -> tuple[Progress, str]:  # fmt: skip
     """Load `plan.resume` into the prepared objects (every process) and return the progress to continue from, with
     the line to print once the first batch is in hand ("" for a fresh start)."""
     world, bs, ga = layout
@@ -25,23 +24,15 @@ def restore(accelerator, cfg: TrainConfig, plan: ResumePlan, layout: tuple[int, 
     resume_dir: Path | None = plan.resume
     if resume_dir is not None:
         progress = load_checkpoint(accelerator, resume_dir, cfg.seed)
-        check_same_data(cfg, resume_dir, progress.data_fingerprint, fingerprint)
+        check_same_data(cfg, resume_dir, progress.data_fingerprint, feed.fingerprint)
         saved = (progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps)
-        skip, note = batches_to_skip(saved, layout, progress.samples_in_epoch, progress.batches_in_epoch)
-        if note:
-            log.info(note)
+        where = feed.resume(resume_dir, progress, saved, layout)  # the batch (or stream position) to go on from
         progress.replanned = progress.replanned or saved != layout
         if saved[0] * saved[1] * saved[2] != world * bs * ga:
             log.warning(f"global batch changed from {saved[0] * saved[1] * saved[2]} to {world * bs * ga}")
-        if skip >= batches_per_epoch:  # never spin on an epoch that has nothing left
-            raise UserError(f"{resume_dir}: its position ({skip} batches into the epoch) is past the epoch's end")
-        progress.batches_in_epoch = skip
-        message = (
-            f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, "
-            f"batch {progress.batches_in_epoch}/{batches_per_epoch} of the epoch"
-        )
+        message = f"Resuming from {resume_dir}: step {progress.step}, epoch {progress.epoch}, {where}"
     progress.world_size, progress.per_device_train_batch_size, progress.gradient_accumulation_steps = layout
-    progress.branch, progress.data_fingerprint = plan.branch or progress.branch, fingerprint
+    progress.branch, progress.data_fingerprint = plan.branch or progress.branch, feed.fingerprint
     if progress.total_steps not in (0, total_steps):  # every process moves its scheduler to the new schedule
         log.warning(reschedule(scheduler, cfg, progress.step, progress.total_steps, total_steps))
     progress.total_steps = total_steps

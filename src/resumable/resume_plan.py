@@ -232,14 +232,14 @@ def apply_plan(plan: ResumePlan, out: Path, mirror=None) -> None:
 
 
 def plan_total_steps(
-    cfg: TrainConfig, batches_per_epoch: int, layout: tuple[int, int, int], saved: Progress | None
+    cfg: TrainConfig, batches_per_epoch: int | None, layout: tuple[int, int, int], saved: Progress | None
 ) -> int:
     """Optimizer steps the run ends at. Steps done under another layout (processes x batch x accumulation) are not
     re-counted at the new steps-per-epoch: the run ends after `--num_train_epochs` epochs of data, never early."""
+    if cfg.max_steps > 0:  # always so for a stream, whose epochs have no known length
+        return cfg.max_steps
     world, batch, ga = layout
     steps_per_epoch = math.ceil(batches_per_epoch / ga)  # a short last window still steps
-    if cfg.max_steps > 0:
-        return cfg.max_steps
     planned = math.ceil(cfg.num_train_epochs * steps_per_epoch)
     if saved is None or (not saved.replanned and layout == (saved.world_size, saved.per_device_train_batch_size,
                                                              saved.gradient_accumulation_steps)):  # fmt: skip
