@@ -4,14 +4,27 @@ without reading what was consumed again, across several epochs of a finite strea
 from __future__ import annotations
 
 import json
+import re
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TINY_LM, Run, assert_bitwise_same_run, checkpoint_steps, ok, train_records
+from conftest import (
+    PYTHON,
+    REPO,
+    TINY_LM,
+    Run,
+    assert_bitwise_same_run,
+    checkpoint_steps,
+    logged_steps,
+    ok,
+    train_records,
+)
 
 from resumable.corpus import stdlib_root
 
+CHECKPOINTS = str(REPO / "scripts" / "checkpoints.py")
 _DROP = ("--max_train_samples", "--num_train_epochs")  # a stream is bounded by --max_steps
 BASE = [a for i, a in enumerate(TINY_LM) if a not in _DROP and (i == 0 or TINY_LM[i - 1] not in _DROP)]
 
@@ -81,6 +94,7 @@ def test_a_streamed_run_killed_anywhere_resumes_bitwise(launcher, extra, kill_at
     assert samples_by_epoch(out) == epochs  # the same blocks in every epoch: nothing replayed, nothing skipped
 
 
+@pytest.mark.slow
 def test_a_stopped_stream_resumes_from_its_cursor_not_from_the_start(shards, tmp_path, tmp_path_factory, cache_dir):
     """Graceful stops every 4 steps (also at epoch ends): each resume continues the stream exactly."""
     args = stream_args(shards)
@@ -93,8 +107,23 @@ def test_a_stopped_stream_resumes_from_its_cursor_not_from_the_start(shards, tmp
             break
         assert result.returncode == 75, result.stderr[-3000:]
     assert_bitwise_same_run(ref, out)
-    state = json.loads((out / "checkpoints" / "step-00000028" / "stream_state_0.json").read_text())
+    ckpt = out / "checkpoints" / "step-00000028"
+    state = json.loads((ckpt / "stream_state_0.json").read_text())
     assert state["world"] == 1 and state["roles"] == 1 and state["epoch"] >= 2
+    shown = ok(subprocess.run([PYTHON, CHECKPOINTS, "inspect", str(ckpt)], capture_output=True, text=True)).stdout
+    assert "stream_state_0.json" in shown and f"epoch {state['epoch']}, {state['batches']} micro-batches" in shown
+    export = [
+        PYTHON,
+        CHECKPOINTS,
+        "export",
+        str(ckpt),
+        "--to",
+        str(tmp_path / "exported"),
+        "--cache_dir",
+        str(cache_dir),
+    ]
+    ok(subprocess.run(export, capture_output=True, text=True))
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
 
 
 def test_streaming_refuses_bad_flags_in_one_line(shards, tmp_path, cache_dir):
@@ -135,15 +164,26 @@ def test_a_stream_position_is_not_resumed_on_other_data_or_another_layout(shards
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
 
 
-def test_a_bad_row_in_a_shard_is_one_line_naming_the_file(shards, tmp_path, tmp_path_factory, cache_dir):
+@pytest.mark.parametrize("launcher", ["python", pytest.param("cpu_ddp", marks=pytest.mark.slow)])
+def test_a_bad_row_in_a_shard_is_one_line_naming_the_file_on_every_rank(launcher, shards, tmp_path,
+                                                                         tmp_path_factory, cache_dir):  # fmt: skip
     data = tmp_path_factory.mktemp("bad-data")
     for f in shards.iterdir():
         (data / f.name).write_bytes(f.read_bytes())
+    if launcher == "cpu_ddp":  # past the first rows read up front: found while training, by one rank's stream
+        (data / "train-00.jsonl").write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(2100)))
     with open(data / "train-03.jsonl", "a") as fh:
         fh.write('{"text": "cut off\n')
-    result = Run(stream_args(data), tmp_path / "run", cache_dir).run_expecting(2)
-    assert "train-03.jsonl (byte " in result.stderr and "not a JSON line" in result.stderr
-    assert "Traceback" not in result.stderr
+    result = Run([*stream_args(data), "--max_steps", "300"], tmp_path / "run", cache_dir, launcher).run()
+    assert result.returncode != 0
+    # each rank prints it (two processes' stderr may interleave with the step bar on one line)
+    errors = re.findall(r"error: (?:rank \d: )?\S+ \(byte \d+\): not a JSON line", result.stderr)
+    assert len(errors) == (2 if launcher == "cpu_ddp" else 1) and len(set(errors)) == 1, result.stderr[-3000:]
+    assert "train-03.jsonl (byte " in errors[0]
+    assert result.stderr.count("error:") == len(errors)  # and nothing else
+    if launcher == "cpu_ddp":
+        assert errors[0].startswith("error: rank ") and logged_steps(tmp_path / "run"), "found while training"
+    assert 'train.py", line' not in result.stderr  # no traceback of ours (torchrun prints its own summary)
 
 
 def test_a_hub_style_dataset_streams_through_datasets_and_resumes_bitwise(shards, tmp_path, cache_dir):
@@ -153,7 +193,8 @@ def test_a_hub_style_dataset_streams_through_datasets_and_resumes_bitwise(shards
     for i, f in enumerate(sorted(shards.glob("train-*.jsonl"))):
         (folder / "data" / f"train-{i:05d}-of-00004.jsonl").write_bytes(f.read_bytes())
     (folder / "data" / "validation-00000-of-00001.jsonl").write_bytes((shards / "validation.jsonl").read_bytes())
-    args = [*BASE, "--streaming", "--dataset_name", str(folder), "--max_steps", "20", "--shuffle_buffer", "5"]
+    args = [*BASE, "--streaming", "--dataset_name", str(folder), "--max_steps", "20", "--shuffle_buffer", "5",
+            "--dataloader_num_workers", "2", "--record_samples"]  # fmt: skip
     ref = tmp_path / "ref"
     ok(Run(args, ref, cache_dir).run())
     out = tmp_path / "stopped"
@@ -162,3 +203,6 @@ def test_a_hub_style_dataset_streams_through_datasets_and_resumes_bitwise(shards
     ok(Run(args, out, cache_dir).run())
     assert_bitwise_same_run(ref, out)
     assert len(train_records(out)) == 20
+    # both workers read their rows (datasets would split a shard across the workers once more)
+    epoch0 = samples_by_epoch(ref)[0]
+    assert max(epoch0.values()) == 1 and len(epoch0) >= 4 * 7  # 7 steps x 4 blocks fill epoch 0's share at least

@@ -54,6 +54,8 @@ def settings_config(settings: dict, output_dir: Path, cache_dir: str | None, wit
         if value is None or key not in field_names() or (key in DATA_SETTINGS and not with_data):
             continue
         argv += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    if settings.get("streaming"):  # a streamed run's length is no recorded setting, yet its flags need one
+        argv += ["--max_steps", "1"]
     try:
         return parse_config(argv)
     except UserError as err:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from resumable.config import TrainConfig
 from resumable.errors import UserError
 from resumable.logs import get_logger
-from resumable.stream import PackedStream
+from resumable.stream import HubShards, PackedStream
 
 log = get_logger(__name__)
 STREAM_STATE = "stream_state_{rank}.json"
@@ -157,19 +157,26 @@ class StreamFeed:
         have = len(st["blocks"])
 
         def fill(n: int) -> bool:
-            """Pull windows until this process holds `n` blocks; whether every process does."""
+            """Pull windows until this process holds `n` blocks; whether every process does. A bad row on one
+            process stops every process with its one line (none waits in the gather for a process that left)."""
             nonlocal have
-            while have < n and (item := next(items, None)) is not None:
+            error = None
+            while have < n and error is None and (item := next(items, None)) is not None:
                 if "error" in item:
-                    raise UserError(item["error"])
+                    error = f"rank {self.accelerator.process_index}: {item['error']}"
+                    break
                 pending.append(item["blocks"])
                 have += len(item["blocks"])
                 st["cursors"][item["role"]], st["next_role"] = item["cursor"], (item["role"] + 1) % s.roles
-            return all(self.team.all_gather(have >= n))
+            views = self.team.all_gather((have >= n, error))
+            if errors := [e for _, e in views if e]:
+                raise UserError(errors[0])
+            return all(ok for ok, _ in views)
 
         if st["batches"] == 0 and not fill(need):
-            raise UserError(f"the training stream yields fewer than {need} blocks of {s.block} tokens per process "
-                            "in an epoch, less than one optimizer step (lower --block_size or the batch size)")  # fmt: skip
+            raise UserError(f"epoch {st['epoch']} of the training stream yields fewer than {need} blocks of "
+                            f"{s.block} tokens on some process, less than one optimizer step (add data, or lower "
+                            "--block_size, the batch size or the number of processes)")  # fmt: skip
         k = 0
         while True:
             ends = k % self.ga == self.ga - 1 and not fill(bs + need)  # another whole window after this one?
@@ -204,8 +211,13 @@ class StreamFeed:
         path = resume_dir / STREAM_STATE.format(rank=rank)
         try:
             st = json.loads(path.read_text())
+            st = st if isinstance(st, dict) and {"world", "roles", "blocks", "cursors"} <= st.keys() else "bad"
         except FileNotFoundError:
             st = None
+        except ValueError:
+            st = "bad"
+        if st == "bad":
+            raise UserError(f"{path}: not a stream position this version can read")
         if st is None or (st["world"], st["roles"], saved[1:]) != (world, roles, layout[1:]):
             was = f"{st['world']} process(es) x {max(st['roles'], 1)} stream(s)" if st else "no stream position"
             raise UserError(
@@ -217,7 +229,9 @@ class StreamFeed:
         blocks = torch.tensor(st["blocks"], dtype=torch.long).view(-1, st["block_size"])
         self.state = {**{k: st[k] for k in ("epoch", "cursors", "next_role", "batches")}, "blocks": blocks}
         rows = max((c or {}).get("rows", 0) for c in st["cursors"])
-        return f"stream epoch {st['epoch']}, batch {st['batches']}: {rows} rows into the epoch, none read again"
+        hub = isinstance(self.stream.shards, HubShards)  # datasets cannot seek into a shard: it skips rows
+        again = "rows of the current shard skipped again" if hub else "none read again"
+        return f"stream epoch {st['epoch']}, batch {st['batches']}: {rows} rows into the epoch, {again}"
 
 
 def _as_is(item):

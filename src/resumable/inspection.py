@@ -104,7 +104,13 @@ def progress_summary(path: Path) -> list[str]:
 
 def stream_summary(path: Path) -> list[str]:
     """Where one process stands in a --streaming run: per worker, the shard (in the epoch's order) and byte."""
-    state = json.loads(path.read_text())
+    try:
+        return _stream_lines(json.loads(path.read_text()))
+    except (KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"not a stream position this version can read ({type(err).__name__}: {err})") from None
+
+
+def _stream_lines(state: dict) -> list[str]:
     lines = [f"epoch {state['epoch']}, {state['batches']} micro-batches into it, {len(state['blocks'])} blocks of "
              f"{state['block_size']} tokens read but not trained on yet; {state['world']} process(es) x "
              f"{state['roles']} stream(s)"]  # fmt: skip

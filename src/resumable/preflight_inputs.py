@@ -81,6 +81,12 @@ def _dataset_cached(cfg: TrainConfig) -> bool:
 
 
 def check_data(cfg: TrainConfig) -> list[Finding]:
+    if cfg.train_file and cfg.streaming:  # a glob of shards, checked when the flags were parsed
+        from resumable.stream import stream_files
+
+        shards = stream_files(cfg.train_file)
+        found = [Finding("OK", "data", f"--train_file {cfg.train_file}: {len(shards)} shard(s) to stream")]
+        return found + [_check_file("validation_file", Path(cfg.validation_file), cfg)]
     if cfg.train_file:
         files = [("train_file", cfg.train_file)] + (
             [("validation_file", cfg.validation_file)] * bool(cfg.validation_file)

@@ -69,6 +69,10 @@ class Ranks:
         """Every rank's `obj`, in rank order, on every rank."""
         if self.world == 1:
             return [obj]
+        if self.group is None:  # XLA: accelerate's own object gather
+            from accelerate.utils import gather_object
+
+            return gather_object([obj])
         out = [None] * self.world
         self.dist.all_gather_object(out, obj, group=self.group)
         return out

@@ -4,7 +4,9 @@ and shuffled on the fly, with a position that resumes exactly without reading an
 Order. Epoch e reads the shards in a permutation drawn from (seed, e). Rows are dealt round-robin to the job's
 streams, one per (process, DataLoader worker): a stream tokenizes only its own rows, packs their tokens (EOS after
 each document) into blocks and shuffles them in windows of --shuffle_buffer blocks, window w permuted by
-(seed, e, stream, w). Every block of an epoch is trained on once, by one process; nothing depends on timing.
+(seed, e, stream, w). No block is trained on twice in an epoch; an epoch ends for every process at the first
+accumulation window some process cannot fill, and what is left (less than a window on some process) is dropped.
+Nothing depends on timing.
 
 Position. A worker hands each window to its training process together with its cursor after it (shard, byte
 offset in it, rows dealt, the tokens not yet in a block). The process keeps every worker's last cursor and the
@@ -28,7 +30,9 @@ from torch.utils.data import IterableDataset
 from resumable.errors import UserError
 
 STREAM_SUFFIXES = (".txt", ".jsonl", ".json")  # .json: JSON lines; a JSON array cannot be read from an offset
-TOKENIZE_ROWS = 64  # rows of one stream tokenized in one call (the fast tokenizer's per-call overhead)
+# rows of one stream tokenized in one call (the fast tokenizer's per-call overhead), up to 64K characters: the
+# tokens not yet in a block travel in every window's cursor and in the checkpoint
+TOKENIZE_ROWS, TOKENIZE_CHARS = 64, 65536
 
 
 def stream_files(pattern: str, flag: str = "--train_file") -> list[str]:
@@ -110,8 +114,12 @@ class HubShards:
 
     def rows(self, shard: int, offset: int) -> Iterator[tuple[dict, int]]:
         part = self.dataset().shard(num_shards=len(self), index=shard, contiguous=True)
-        for i, row in enumerate(part.skip(offset) if offset else part, offset + 1):
-            yield row, i
+        # .iter(): iterating `part` itself inside a DataLoader worker would split it again across the workers
+        index = offset
+        for batch in (part.skip(offset) if offset else part).iter(batch_size=256):
+            for row in ({k: v[i] for k, v in batch.items()} for i in range(len(next(iter(batch.values()), [])))):
+                index += 1
+                yield row, index
 
     def text_of(self, row: dict, shard: int, end: int) -> str | None:
         value = row.get(self.text_column)
@@ -149,13 +157,15 @@ class PackedStream(IterableDataset):
             yield from self._windows(role, dict(self.cursors[role] or fresh_cursor()))
         except (UserError, OSError) as err:  # raised in the training process as one line (feed.py)
             yield {"role": role, "error": str(err)}
+        except Exception as err:  # a hub stream's reader (pyarrow, fsspec): still one line, with its type
+            yield {"role": role, "error": f"reading the training stream failed: {type(err).__name__}: {err}"}
 
     def _windows(self, role: int, cur: dict) -> Iterator[dict]:
         if cur["done"]:
             return
         stream, streams = self.rank * self.roles + role, self.world * self.roles
         order = shard_order(self.seed, self.epoch, len(self.shards))
-        carry, blocks, texts = list(cur["carry"]), [], []
+        carry, blocks, texts, chars = list(cur["carry"]), [], [], 0
 
         def window_of(full: list) -> dict:
             perm = np.random.default_rng([self.seed, self.epoch, stream, cur["window"]]).permutation(len(full))
@@ -164,16 +174,21 @@ class PackedStream(IterableDataset):
             return {"role": role, "blocks": data, "cursor": {**cur, "carry": list(carry)}}
 
         def drain():  # whole windows out of the tokens read so far
-            nonlocal blocks
-            while len(carry) >= self.block:
-                blocks.append(carry[: self.block])
-                del carry[: self.block]
+            nonlocal blocks, carry
+            used = 0
+            while len(carry) - used >= self.block:
+                blocks.append(carry[used : used + self.block])
+                used += self.block
                 if len(blocks) == self.window:
                     full, blocks = blocks, []
+                    carry = carry[used:]  # the cursor carries only what is left (one copy per window)
+                    used = 0
                     yield window_of(full)
+            carry = carry[used:]
 
         def tokenize():
-            eos = self.tokenizer.eos_token_id
+            nonlocal chars
+            chars, eos = 0, self.tokenizer.eos_token_id
             for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []:
                 carry.extend(ids)
                 carry.append(eos)
@@ -189,7 +204,8 @@ class PackedStream(IterableDataset):
                 text = self.shards.text_of(row, order[k], end) if mine else None
                 if text is not None:
                     texts.append(text)
-                if len(texts) == TOKENIZE_ROWS:
+                    chars += len(text)
+                if len(texts) == TOKENIZE_ROWS or chars >= TOKENIZE_CHARS:
                     cur["offset"] = end
                     tokenize()
                     yield from drain()
