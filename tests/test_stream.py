@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +23,11 @@ from conftest import (
     ok,
     train_records,
 )
+from test_multinode import fetch_run
+from test_remote import BUCKET, s3  # noqa: F401 (the moto server fixture)
 
 from resumable.corpus import stdlib_root
+from resumable.remote import staging_dir
 
 CHECKPOINTS = str(REPO / "scripts" / "checkpoints.py")
 _DROP = ("--max_train_samples", "--num_train_epochs")  # a stream is bounded by --max_steps
@@ -206,3 +211,22 @@ def test_a_hub_style_dataset_streams_through_datasets_and_resumes_bitwise(shards
     # both workers read their rows (datasets would split a shard across the workers once more)
     epoch0 = samples_by_epoch(ref)[0]
     assert max(epoch0.values()) == 1 and len(epoch0) >= 4 * 7  # 7 steps x 4 blocks fill epoch 0's share at least
+
+
+@pytest.mark.slow
+def test_a_streamed_run_with_an_s3_output_dir_resumes_from_the_bucket_bitwise(
+    shards,
+    s3,  # noqa: F811
+    tmp_path,
+    tmp_path_factory,
+    cache_dir,
+):
+    """Stopped, its local staging folder lost (another machine), re-run: the stream position comes from the bucket."""
+    args = stream_args(shards)
+    ref = reference(tmp_path_factory, cache_dir, args, "python")
+    url, cache = f"s3://{BUCKET}/stream-{uuid.uuid4().hex[:8]}", tmp_path / "cache"
+    Run([*args, "--max_steps_per_run", "11"], url, cache).run_expecting(75)
+    assert s3.exists(f"{url}/checkpoints/step-00000011/stream_state_0.json")
+    shutil.rmtree(staging_dir(url, cache))
+    ok(Run(args, url, cache).run())
+    assert_bitwise_same_run(ref, fetch_run(s3, url, tmp_path / "fetched"))
