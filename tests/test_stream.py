@@ -142,6 +142,9 @@ def test_streaming_refuses_bad_flags_in_one_line(shards, tmp_path, cache_dir):
         args = [*stream_args(shards), *flags]
         result = Run(args, tmp_path / "bad", cache_dir).run_expecting(2)
         assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    expanded = [str(p) for p in sorted(shards.glob("train-*.jsonl"))]  # an unquoted glob, expanded by the shell
+    result = Run([*stream_args(shards), "--train_file", *expanded], tmp_path / "bad", cache_dir).run_expecting(2)
+    assert "a flag takes one path (a glob the shell expanded?); quote it" in result.stderr
     csv = tmp_path / "a.csv"
     csv.write_text("text\nhello\n")
     result = Run([*stream_args(shards), "--train_file", str(csv)], tmp_path / "bad", cache_dir).run_expecting(2)

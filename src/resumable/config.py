@@ -321,6 +321,9 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
             raise UserError(f"--config {config_path}: {err}") from None
     cfg, remaining = parser.parse_args_into_dataclasses(args=yaml_flags + argv, return_remaining_strings=True)
     if remaining:
+        if not remaining[0].startswith("-") and Path(remaining[0]).exists():  # `--train_file dir/*.jsonl` unquoted
+            raise UserError(f"unexpected value {remaining[0]!r}: a flag takes one path (a glob the shell expanded?); "
+                            "quote it: --train_file 'shards/train-*.jsonl'")  # fmt: skip
         flag = next((r for r in remaining if r.startswith("-")), remaining[0])
         name = flag.lstrip("-").split("=", 1)[0]
         if name in field_names():

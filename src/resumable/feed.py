@@ -231,7 +231,7 @@ class StreamFeed:
         rows = max((c or {}).get("rows", 0) for c in st["cursors"])
         hub = isinstance(self.stream.shards, HubShards)  # datasets cannot seek into a shard: it skips rows
         again = "rows of the current shard skipped again" if hub else "none read again"
-        return f"stream epoch {st['epoch']}, batch {st['batches']}: {rows} rows into the epoch, {again}"
+        return f"batch {st['batches']} of the streamed epoch ({rows} rows into it, {again})"
 
 
 def _as_is(item):
