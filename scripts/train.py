@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import get_scheduler
     from transformers.utils.logging import disable_progress_bar
 
+    from resumable.averaging import averaging_for
     from resumable.data import build_dataloaders, load_raw_datasets, load_tokenizer, tokenize_datasets
     from resumable.data_checks import label_names
     from resumable.disk_space import require_disk
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     feed = feed_for(accelerator, cfg, train_dl, train_ds, team)  # where in the data the loop is, and how it gets back
+    averages = averaging_for(accelerator, cfg, model)  # --ema_decay: kept, checkpointed, evaluated, final/
     saved = read_progress(resume_dir) if resume_dir is not None else None
     total_steps = plan_total_steps(cfg, feed.batches_per_epoch, (world, bs, ga), saved)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
@@ -156,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"Checkpoints: {cfg.checkpoints_dir} ({'resuming' if resume_dir else 'fresh start'})")
     team.wait()
     progress, resume_msg = restore(accelerator, cfg, plan, (world, bs, ga), feed, scheduler, total_steps)
+    averages.resume(resume_dir)
     train_log = TrainLog(out / "train_log.jsonl")
     if is_main:  # records past the checkpoint are about to be redone (a pending evaluation too)
         train_log.truncate_after(progress.step, keep_eval=not progress.eval_pending)
@@ -179,9 +182,12 @@ def main(argv: list[str] | None = None) -> int:
         inject_fault("sigterm_before_eval", progress.step)
         t0 = time.perf_counter()
         metrics = evaluate(accelerator, model, eval_dl, cfg.task, stop.eval_should_stop, generation)
-        progress.eval_pending = metrics is None
-        if metrics is None:
+        averaged = metrics and averages.evaluated(lambda: evaluate(accelerator, model, eval_dl, cfg.task,
+                                                                  stop.eval_should_stop, generation))  # fmt: skip
+        progress.eval_pending = metrics is None or averaged is None
+        if progress.eval_pending:
             return False
+        metrics.update(averaged)
         stop.note_eval(time.perf_counter() - t0)
         progress.last_eval, progress.last_eval_step = metrics, progress.step
         value = metrics[cfg.metric_for_best_model]
@@ -207,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             team.wait()
         else:
             recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
-            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded, feed.checkpoint_files())
+            files = {**feed.checkpoint_files(), **averages.checkpoint_files()}  # a stream position, the average
+            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded, files)
         if is_main:
             prune_checkpoints(cfg.checkpoints_dir, policy)
             if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
@@ -269,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
                 return stop_diverged(accelerator, out, mirror, progress.step, f"step {progress.step + 1}: {found}")
             if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
                 scheduler.step()
+            if not (bad or accelerator.optimizer_step_was_skipped):
+                averages.after_step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             steps_this_run += 1
@@ -321,18 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     save()
     weights = backend.gather_weights(model, cfg.checkpoints_dir / step_name(progress.step))  # every rank
     if is_main:
-        epochs = feed.epochs(progress)
-        final_metrics = finish_run(
-            out,
-            accelerator.unwrap_model(model),
-            weights,
-            tokenizer,
-            progress,
-            baselines(
-                cfg.task, getattr(train_ds, "head", train_ds), eval_ds, generate_samples=cfg.eval_generate_samples
-            ),
-            complete_record(cfg, progress.step, epochs),
-        )
+        epochs, unwrapped = feed.epochs(progress), accelerator.unwrap_model(model)
+        with averages.final(out, unwrapped, tokenizer, weights) as weights:  # --ema_decay: final/ is the average
+            final_metrics = finish_run(out, unwrapped, weights, tokenizer, progress,
+                                       baselines(cfg.task, getattr(train_ds, "head", train_ds), eval_ds,
+                                                 generate_samples=cfg.eval_generate_samples),
+                                       complete_record(cfg, progress.step, epochs))  # fmt: skip
         if mirror:
             mirror.push_complete()  # final/, metrics, logs, then COMPLETE last
         print(json.dumps(final_metrics))

@@ -86,7 +86,8 @@ def save_checkpoint(
 ) -> Path:  # fmt: skip
     """Commit the full training state at `progress.step`; every process must call this. Returns the folder.
 
-    `rank_files`: this process's own JSON files (a stream position), committed beside accelerate's RNG files.
+    `rank_files`: this process's own files (a stream position, rank 0's weight average), committed beside
+    accelerate's RNG files: {name: dict (written as JSON) or a function that writes the file at the path given}.
 
     A full disk removes the temporary folder and raises EnvironmentFailure (exit 74) naming the checkpoint that
     is still intact; nothing committed before is touched.
@@ -101,8 +102,8 @@ def save_checkpoint(
         team.wait()
         prepare_separate(team, tmp)  # another node's staging folder starts empty too
         accelerator.save_state(str(tmp))
-        for name, content in (rank_files or {}).items():
-            _write_json(tmp / name, content)
+        for name, content in (rank_files or {}).items():  # a dict is JSON; else a function writing the file
+            _write_json(tmp / name, content) if isinstance(content, dict) else content(tmp / name)
         team.wait()
         separate = collect_rank_files(team, tmp)  # another node's staging folder: its files go to rank 0
         if accelerator.is_main_process:

@@ -96,6 +96,7 @@ class TrainConfig:
     num_train_epochs: float = _f(1.0, "Epochs to train (ignored when --max_steps > 0).")
     max_steps: int = _f(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
     seed: int = _f(42, "Seed for model init, shuffling and dropout.")
+    ema_decay: float = _f(0.0, "Exponential moving average of the weights, per optimizer step (0: off; e.g. 0.999).")
     # --- Checkpoints, evaluation, logging
     output_dir: str | None = _f(None, "Where checkpoints, logs and the final model go (required).")
     checkpointing_steps: int = _f(500, "Save every N optimizer steps (0: only at epoch ends and the end).")
@@ -183,7 +184,9 @@ class TrainConfig:
             if getattr(self, name) and not (self.streaming and name == "train_file"):
                 _check_data_file(name, Path(getattr(self, name)))
         self._check_resume()
+        _require(0 <= self.ema_decay < 1, f"--ema_decay must be in [0, 1), got {self.ema_decay}")
         allowed = TASK_METRICS[self.task]
+        allowed += tuple(m.replace("eval/", "eval_ema/") for m in allowed) if self.ema_decay else ()
         if self.metric_for_best_model is None:
             self.metric_for_best_model = "eval/loss"
         _require(
@@ -222,6 +225,8 @@ class TrainConfig:
                 "seed")  # fmt: skip
         if self.task == "seq2seq":  # only then: the settings recorded by other tasks' checkpoints stay equal
             keys += ("source_column", "target_column", "source_prefix", "max_source_length", "max_target_length")
+        if self.ema_decay:  # recorded only when on: checkpoints of runs without it keep their settings
+            keys += ("ema_decay",)
         if self.streaming:  # the streams' order depends on both
             keys += ("streaming", "shuffle_buffer", "dataloader_num_workers")
         return {k: getattr(self, k) for k in keys}
