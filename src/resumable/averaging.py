@@ -49,8 +49,10 @@ class EMA(NoAverage):
 
     @torch.no_grad()
     def after_step(self) -> None:
-        """shadow = decay * shadow + (1 - decay) * weights."""
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+        """shadow = d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates: the
+        warm-up keeps a short run's average from being mostly its initial weights (0.999^200 = 0.82)."""
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
         self.updates += 1
 
     @contextlib.contextmanager
@@ -125,6 +127,9 @@ def averaging_for(accelerator, cfg, model):
     if not cfg.ema_decay:
         return NoAverage()
     layout = layout_of(accelerator)
+    if layout.startswith("deepspeed") and accelerator.mixed_precision != "no":  # the engine's weights are 16-bit
+        raise UserError(f"--ema_decay under DeepSpeed with --mixed_precision {accelerator.mixed_precision} would "
+                        "average the 16-bit copies, not the fp32 master weights; use DDP, or fp32")  # fmt: skip
     if layout in ("deepspeed-zero3", "fsdp"):
         raise UserError(f"--ema_decay needs the full weights on every process; under {layout} they are sharded "
                         "(use DDP or ZeRO-2, or train without --ema_decay)")  # fmt: skip

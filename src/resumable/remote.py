@@ -230,6 +230,8 @@ class RemoteMirror(ObjectStore):
     def push_complete(self) -> None:
         """Push the end of a finished run: final/, the small files, then COMPLETE last of all."""
         self.push_dir("final")
+        if (self.local_dir / "final_raw").is_dir():  # --ema_decay: the raw model beside the average
+            self.push_dir("final_raw")
         for fname in FINAL_FILES:
             if (self.local_dir / fname).is_file():
                 self.push_file(fname)
@@ -289,9 +291,10 @@ class RemoteMirror(ObjectStore):
         for fname in [f for f in ends if f in sizes]:
             self._copy((fname,), (dest, fname))
             self._rm(fname)
-        if self._sizes("final"):
-            self._copy(("final",), (dest, "final"), recursive=True)
-            self._rm("final", recursive=True)
+        for folder in ("final", "final_raw"):
+            if self._sizes(folder):
+                self._copy((folder,), (dest, folder), recursive=True)
+                self._rm(folder, recursive=True)
 
     # --- retention
 

@@ -41,7 +41,7 @@ from resumable.retention import RetentionPolicy, best_checkpoint
 log = get_logger(__name__)
 ABANDONED = "abandoned"
 COMPLETE = "COMPLETE"  # same name as resumable.export.COMPLETE (export pulls in the metrics and plotting code)
-END_FILES = ("final", "final_metrics.json", "loss_curve.png", COMPLETE)  # a finished run's end
+END_FILES = ("final", "final_raw", "final_metrics.json", "loss_curve.png", COMPLETE)  # a finished run's end
 RUN_FILES = (COMPLETE, "checkpoints", "train_log.jsonl", "train.log", "samples", "runs", "wandb", "run_status.json")
 RUN_FILES += ("tracker_run_id",)  # restore.RUN_ID_FILE
 RUN_FILES += END_FILES[:-1]
