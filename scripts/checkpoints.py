@@ -204,8 +204,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if is_remote(args.to):
         raise UserError(f"--to {args.to}: remote targets are not supported yet")
     target = Path(args.to).expanduser()
-    export_checkpoint(folder, target, args.tokenizer, args.cache_dir, args.force)
-    print(f"exported {folder} to {target}")
+    kind = export_checkpoint(folder, target, args.tokenizer, args.cache_dir, args.force, args.weights)
+    print(f"exported {folder} ({kind} weights) to {target}")
     return 0
 
 
@@ -285,6 +285,8 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="Replace a non-empty --to folder.")
     p.add_argument("--tokenizer", metavar="DIR", help="Tokenizer folder, if the run's cannot be found.")
     p.add_argument("--cache_dir", metavar="DIR", help="The training's --cache_dir (to find its trained tokenizer).")
+    p.add_argument("--weights", choices=("ema", "raw"), help="The weight average (--ema_decay runs) or the trained "
+                   "weights; default: the average if the checkpoint has one, as in final/")  # fmt: skip
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -4,12 +4,24 @@ evaluated beside the raw model, and final/ holds it with the raw model in final_
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 import torch
-from conftest import TINY_LM, Run, assert_bitwise_same_run, checkpoint_steps, final_weights, ok, train_records
+from conftest import (
+    PYTHON,
+    REPO,
+    TINY_LM,
+    Run,
+    assert_bitwise_same_run,
+    checkpoint_steps,
+    final_weights,
+    ok,
+    train_records,
+)
 from safetensors.torch import load_file
 
+CHECKPOINTS = str(REPO / "scripts" / "checkpoints.py")
 EMA = [*TINY_LM, "--ema_decay", "0.9", "--metric_for_best_model", "eval_ema/loss"]
 
 
@@ -54,3 +66,25 @@ def test_a_checkpoint_without_an_average_is_not_resumed_with_one(tmp_path, cache
     Run([*TINY_LM, "--max_steps_per_run", "4"], out, cache_dir).run_expecting(75)
     result = Run([*TINY_LM, "--ema_decay", "0.9"], out, cache_dir).run_expecting(2)
     assert "ema_decay" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_export_picks_the_average_by_default_and_the_raw_weights_when_asked(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    ok(Run([*EMA, "--max_steps", "6"], out, cache_dir).run())
+    ckpt = out / "checkpoints" / "step-00000006"
+
+    def export(*flags: str) -> dict:
+        target = tmp_path / f"export-{'-'.join(flags) or 'default'}"
+        cmd = [PYTHON, CHECKPOINTS, "export", str(ckpt), "--to", str(target), "--cache_dir", str(cache_dir), *flags]
+        return ok(subprocess.run(cmd, capture_output=True, text=True)) and load_file(str(target / "model.safetensors"))
+
+    for exported, folder in ((export(), "final"), (export("--weights", "raw"), "final_raw")):
+        expected = load_file(str(out / folder / "model.safetensors"))
+        assert exported.keys() == expected.keys()
+        assert all(torch.equal(exported[k], expected[k]) for k in expected), folder
+    plain = tmp_path / "plain"
+    ok(Run([*TINY_LM, "--max_steps", "4"], plain, cache_dir).run())
+    cmd = [PYTHON, CHECKPOINTS, "export", str(plain / "checkpoints" / "step-00000004"), "--to", str(tmp_path / "x"),
+           "--cache_dir", str(cache_dir), "--weights", "ema"]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and "holds no weight average" in result.stderr and "Traceback" not in result.stderr

@@ -183,9 +183,16 @@ def check_export_target(target: Path, checkpoint: Path, force: bool) -> None:
 
 
 def export_checkpoint(
-    checkpoint: Path, target: Path, tokenizer_dir: str | None = None, cache_dir: str | None = None, force: bool = False
-) -> None:
-    """Write `checkpoint`'s weights as a `save_pretrained` model + tokenizer in `target` (atomically)."""
+    checkpoint: Path,
+    target: Path,
+    tokenizer_dir: str | None = None,
+    cache_dir: str | None = None,
+    force: bool = False,
+    weights: str | None = None,
+) -> str:
+    """Write `checkpoint`'s weights as a `save_pretrained` model + tokenizer in `target` (atomically). `weights`:
+    "ema" (its weight average), "raw", or None (the average if it has one). Returns which were written."""
+    from resumable.averaging import EMA_FILE
     from resumable.export import save_pretrained_atomically
 
     check_export_target(target, checkpoint, force)
@@ -197,5 +204,23 @@ def export_checkpoint(
     tokenizer = find_tokenizer(checkpoint, settings, tokenizer_dir, cache_dir)
     model = rebuild_model(checkpoint, tokenizer, settings, cache_dir)
     load_weights(model, *checkpoint_weights(checkpoint))  # after the verification: DeepSpeed's files are pickles
+    kind = weights or ("ema" if (checkpoint / EMA_FILE).is_file() else "raw")
+    if kind == "ema":
+        _apply_average(model, checkpoint / EMA_FILE)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained_atomically(model, tokenizer, target)
+    return kind
+
+
+def _apply_average(model: torch.nn.Module, path: Path) -> None:
+    """The averaged weights copied into the model's parameters (a tied parameter gets them under both names)."""
+    if not path.is_file():
+        raise UserError(f"--weights ema: {path.parent} holds no weight average (trained without --ema_decay)")
+    from safetensors.torch import load_file
+
+    average, params = load_file(str(path)), dict(model.named_parameters())
+    if sorted(average) != sorted(n for n, p in params.items() if p.requires_grad):
+        raise CheckpointUnusable(f"{path}: holds other parameters than the rebuilt model's")
+    with torch.no_grad():
+        for name, tensor in average.items():
+            params[name].copy_(tensor)
