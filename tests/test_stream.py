@@ -25,6 +25,7 @@ from conftest import (
 )
 from test_multinode import fetch_run
 from test_remote import BUCKET, s3  # noqa: F401 (the moto server fixture)
+from test_resume_exact import reference  # one uninterrupted run per (args, launcher), shared
 
 from resumable.corpus import stdlib_root
 from resumable.remote import staging_dir
@@ -61,18 +62,6 @@ def samples_by_epoch(out: Path) -> dict[int, Counter]:
             r = json.loads(line)
             seen.setdefault(r["epoch"], Counter()).update(r["samples"])
     return seen
-
-
-_refs: dict = {}
-
-
-def reference(tmp_path_factory, cache_dir, args, launcher):
-    key = (tuple(args), launcher)
-    if key not in _refs:
-        out = tmp_path_factory.mktemp("stream-ref")
-        ok(Run(args, out, cache_dir, launcher).run())
-        _refs[key] = out
-    return _refs[key]
 
 
 @pytest.mark.slow
