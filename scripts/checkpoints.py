@@ -285,8 +285,9 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="Replace a non-empty --to folder.")
     p.add_argument("--tokenizer", metavar="DIR", help="Tokenizer folder, if the run's cannot be found.")
     p.add_argument("--cache_dir", metavar="DIR", help="The training's --cache_dir (to find its trained tokenizer).")
-    p.add_argument("--weights", choices=("ema", "raw"), help="The weight average (--ema_decay runs) or the trained "
-                   "weights; default: the average if the checkpoint has one, as in final/")  # fmt: skip
+    p.add_argument("--weights", choices=("ema", "swa", "raw"), help="The weight average (--ema_decay or "
+                   "--swa_start_epoch runs) or the trained weights; default: the average if the checkpoint has one, "
+                   "as in final/")  # fmt: skip
     p.set_defaults(func=cmd_export)
     return parser
 

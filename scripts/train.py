@@ -133,10 +133,10 @@ def main(argv: list[str] | None = None) -> int:
     model, optimizer, train_dl, eval_dl = accelerator.prepare(model, optimizer, train_dl, eval_dl)
     ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     feed = feed_for(accelerator, cfg, train_dl, train_ds, team)  # where in the data the loop is, and how it gets back
-    averages = averaging_for(accelerator, cfg, model)  # --ema_decay: kept, checkpointed, evaluated, final/
+    averages = averaging_for(accelerator, cfg, model, feed)  # EMA or SWA: kept, checkpointed, evaluated, final/
     saved = read_progress(resume_dir) if resume_dir is not None else None
     total_steps = plan_total_steps(cfg, feed.batches_per_epoch, (world, bs, ga), saved)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps)
+    scheduler = averages.schedule(get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps))
     scheduler = backend.prepare_scheduler(scheduler, optimizer)
     log.info(f"Model: {n_params:,} parameters (weight decay on {len(decay)} of {len(decay) + len(no_decay)} tensors); "
              f"{feed.describe()}, global batch {world * bs * ga}, "
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         metrics = evaluate(accelerator, model, eval_dl, cfg.task, stop.eval_should_stop, generation)
         averaged = metrics and averages.evaluated(lambda: evaluate(accelerator, model, eval_dl, cfg.task,
-                                                                  stop.eval_should_stop, generation))  # fmt: skip
+                                                                  stop.eval_should_stop, generation), metrics)  # fmt: skip
         progress.eval_pending = metrics is None or averaged is None
         if progress.eval_pending:
             return False
@@ -274,17 +274,18 @@ def main(argv: list[str] | None = None) -> int:
                 skip_update(accelerator)
             elif found := backend.step(optimizer):  # DeepSpeed checks the gradients inside its step
                 return stop_diverged(accelerator, out, mirror, progress.step, f"step {progress.step + 1}: {found}")
-            if bad or not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule in line
+            applied = not (bad or accelerator.optimizer_step_was_skipped)
+            if bad or applied:  # an fp16 overflow skips the schedule's step too: keep it in line
                 scheduler.step()
-            if not (bad or accelerator.optimizer_step_was_skipped):
-                averages.after_step()
             optimizer.zero_grad(set_to_none=True)
             progress.step += 1
             steps_this_run += 1
             progress.samples_seen += window * bs * world
             progress.samples_in_epoch += window * bs * world
             progress.batches_in_epoch = window_start = micro
-            if feed.epoch_done(micro):
+            epoch_end = feed.epoch_done(micro)
+            averages.after_step(applied, progress.epoch if epoch_end else None)  # EMA: every update; SWA: epochs
+            if epoch_end:
                 progress.epoch, progress.batches_in_epoch, progress.samples_in_epoch = progress.epoch + 1, 0, 0
             # --- log, evaluate, save
             if is_main:
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = backend.gather_weights(model, cfg.checkpoints_dir / step_name(progress.step))  # every rank
     if is_main:
         epochs, unwrapped = feed.epochs(progress), accelerator.unwrap_model(model)
-        with averages.final(out, unwrapped, tokenizer, weights) as weights:  # --ema_decay: final/ is the average
+        with averages.final(out, unwrapped, tokenizer, weights) as weights:  # EMA/SWA: final/ is the average
             final_metrics = finish_run(out, unwrapped, weights, tokenizer, progress,
                                        baselines(cfg.task, getattr(train_ds, "head", train_ds), eval_ds,
                                                  generate_samples=cfg.eval_generate_samples),

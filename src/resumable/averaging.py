@@ -1,31 +1,42 @@
-"""--ema_decay: an exponential moving average of the weights, part of every checkpoint, evaluated beside the raw
-model (`eval_ema/*`), and what final/ holds (the raw weights in final_raw/).
+"""Weight averages: `--ema_decay` (an exponential moving average, updated after every optimizer step) and
+`--swa_start_epoch` (stochastic weight averaging: the mean of the weights at the end of every epoch from then on,
+with `--swa_lr` a constant learning rate from that epoch on). Each is part of every checkpoint, evaluated beside the
+raw model (`eval_ema/*`, `eval_swa/*`), and what final/ holds (the raw weights in final_raw/).
 
 The average is kept in fp32 on every process (the weights are the same on every DDP rank), updated with one
-`torch._foreach_lerp_` after each applied optimizer step (a skipped fp16/non-finite step does not move it), and
-saved by rank 0 as `ema.safetensors` with its update count. Evaluation swaps it into the model and back by copies,
+`torch._foreach_lerp_` (a skipped fp16/non-finite step does not move an EMA), and saved by rank 0 as
+`ema.safetensors` / `swa.safetensors` with its update count. Evaluation swaps it into the model and back by copies,
 so training continues bit for bit. Sharded weights (ZeRO-3, FSDP) are refused in one line.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
 
 from resumable.errors import UserError
+from resumable.logs import get_logger
 
-EMA_FILE = "ema.safetensors"
+log = get_logger(__name__)
+FLAGS = {"ema": "--ema_decay", "swa": "--swa_start_epoch"}
 
 
 class NoAverage:
-    """--ema_decay 0: nothing to keep."""
+    """No average to keep."""
 
-    def after_step(self) -> None:
-        pass
+    kind = ""
 
-    def evaluated(self, evaluate) -> dict | None:
+    def after_step(self, applied: bool, ended_epoch: int | None) -> None:
+        """Called after every optimizer step: `applied` (the update was not skipped), `ended_epoch` (the index of
+        the epoch this step finished, or None)."""
+
+    def schedule(self, scheduler):
+        return scheduler
+
+    def evaluated(self, evaluate, metrics: dict) -> dict | None:
         return {}
 
     def checkpoint_files(self) -> dict:
@@ -40,19 +51,23 @@ class NoAverage:
         yield weights
 
 
-class EMA(NoAverage):
-    def __init__(self, accelerator, model, decay: float):
-        self.accelerator, self.decay, self.updates = accelerator, decay, 0
+class WeightAverage(NoAverage):
+    """An fp32 copy of the trainable weights, moved towards them by `update()`."""
+
+    def __init__(self, accelerator, model):
+        self.accelerator, self.updates = accelerator, 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.shadow = [p.detach().float().clone() for p in self.params]
 
+    @property
+    def file(self) -> str:
+        return f"{self.kind}.safetensors"
+
     @torch.no_grad()
-    def after_step(self) -> None:
-        """shadow = d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates: the
-        warm-up keeps a short run's average from being mostly its initial weights (0.999^200 = 0.82)."""
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - d)
+    def update(self, weight: float) -> None:
+        """shadow += weight * (weights - shadow)."""
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
         self.updates += 1
 
     @contextlib.contextmanager
@@ -69,31 +84,30 @@ class EMA(NoAverage):
                 for p, s in zip(self.params, saved):
                     p.copy_(s)
 
-    def evaluated(self, evaluate) -> dict | None:
-        """`evaluate()` of the averaged model as `eval_ema/*` (None if a stop request cut it short)."""
-        with self.applied():
-            metrics = evaluate()
-        return None if metrics is None else {k.replace("eval/", "eval_ema/", 1): v for k, v in metrics.items()}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: s.contiguous() for n, s in zip(self.names, self.shadow)}
+    def evaluated(self, evaluate, metrics: dict) -> dict | None:
+        """`evaluate()` of the averaged model as `eval_ema/*` or `eval_swa/*` (None if a stop request cut it short).
+        Before anything is averaged the average is the model itself: its metrics are the raw ones."""
+        if self.updates:
+            with self.applied():
+                metrics = evaluate()
+        return None if metrics is None else {k.replace("eval/", f"eval_{self.kind}/", 1): v for k, v in metrics.items()}
 
     def checkpoint_files(self) -> dict:
         if not self.accelerator.is_main_process:
             return {}
         from safetensors.torch import save_file
 
-        tensors = self.tensors()
-        return {EMA_FILE: lambda path: save_file(tensors, str(path), {"updates": str(self.updates)})}
+        tensors = {n: s.contiguous() for n, s in zip(self.names, self.shadow)}
+        return {self.file: lambda path: save_file(tensors, str(path), {"updates": str(self.updates)})}
 
     def resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:
             return
         from safetensors import safe_open
 
-        path = checkpoint / EMA_FILE
+        path = checkpoint / self.file
         if not path.is_file():
-            raise UserError(f"{checkpoint}: has no {EMA_FILE} (trained without --ema_decay); resume without it")
+            raise UserError(f"{checkpoint}: has no {self.file} (trained without {FLAGS[self.kind]}); resume without it")
         with safe_open(str(path), "pt") as fh:
             if sorted(fh.keys()) != sorted(self.names):
                 raise UserError(f"{path}: holds other parameters than this model's")
@@ -107,6 +121,11 @@ class EMA(NoAverage):
         gathered state dict, every name of a tied parameter included)."""
         from resumable.export import save_pretrained_atomically
 
+        if not self.updates:
+            log.warning(f"{FLAGS[self.kind]}: nothing was averaged (no epoch ended from the start epoch on); "
+                        "final/ holds the trained weights")  # fmt: skip
+            yield weights
+            return
         save_pretrained_atomically(model, tokenizer, out / "final_raw", weights)
         with self.applied():
             if weights is not None:
@@ -120,17 +139,65 @@ class EMA(NoAverage):
             yield weights
 
 
-def averaging_for(accelerator, cfg, model):
-    """The run's weight average (a do-nothing one without --ema_decay); call after accelerator.prepare."""
+class EMA(WeightAverage):
+    kind = "ema"
+
+    def __init__(self, accelerator, model, decay: float):
+        super().__init__(accelerator, model)
+        self.decay = decay
+
+    def after_step(self, applied: bool, ended_epoch: int | None) -> None:
+        """shadow = d * shadow + (1 - d) * weights, with d = min(decay, (1 + n) / (10 + n)) after n updates: the
+        warm-up keeps a short run's average from being mostly its initial weights (0.999^200 = 0.82)."""
+        if applied:
+            self.update(1.0 - min(self.decay, (1 + self.updates) / (10 + self.updates)))
+
+
+class SWA(WeightAverage):
+    kind = "swa"
+
+    def __init__(self, accelerator, model, start_epoch: int, swa_lr: float | None, steps_per_epoch: int | None):
+        super().__init__(accelerator, model)
+        self.start_epoch, self.swa_lr, self.steps_per_epoch = start_epoch, swa_lr, steps_per_epoch
+
+    def after_step(self, applied: bool, ended_epoch: int | None) -> None:
+        """The running mean of the epoch-end weights: the n-th one enters with weight 1/n (the first is copied)."""
+        if ended_epoch is not None and ended_epoch >= self.start_epoch:
+            self.update(1.0 / (self.updates + 1))
+
+    def schedule(self, scheduler):
+        """--swa_lr: from the first step of the start epoch on, the learning rate is swa_lr (the schedule before)."""
+        if not self.swa_lr:
+            return scheduler
+        start = self.start_epoch * self.steps_per_epoch
+        for i, before in enumerate(scheduler.lr_lambdas):  # closures, not objects: state_dict() leaves them out
+            scheduler.lr_lambdas[i] = _swa_lambda(scheduler, i, before, start, self.swa_lr)
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):  # the current step's rate
+            group["lr"] = lr
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        return scheduler
+
+
+def _swa_lambda(scheduler, i: int, before, start: int, swa_lr: float):
+    return lambda step: before(step) if step < start else swa_lr / scheduler.base_lrs[i]
+
+
+def averaging_for(accelerator, cfg, model, feed):
+    """The run's weight average (a do-nothing one without --ema_decay / --swa_start_epoch); after prepare()."""
     from resumable.backend import layout as layout_of
 
-    if not cfg.ema_decay:
+    if not cfg.ema_decay and cfg.swa_start_epoch is None:
         return NoAverage()
+    flag = "--ema_decay" if cfg.ema_decay else "--swa_start_epoch"
     layout = layout_of(accelerator)
     if layout.startswith("deepspeed") and accelerator.mixed_precision != "no":  # the engine's weights are 16-bit
-        raise UserError(f"--ema_decay under DeepSpeed with --mixed_precision {accelerator.mixed_precision} would "
+        raise UserError(f"{flag} under DeepSpeed with --mixed_precision {accelerator.mixed_precision} would "
                         "average the 16-bit copies, not the fp32 master weights; use DDP, or fp32")  # fmt: skip
     if layout in ("deepspeed-zero3", "fsdp"):
-        raise UserError(f"--ema_decay needs the full weights on every process; under {layout} they are sharded "
-                        "(use DDP or ZeRO-2, or train without --ema_decay)")  # fmt: skip
-    return EMA(accelerator, accelerator.unwrap_model(model), cfg.ema_decay)
+        raise UserError(f"{flag} needs the full weights on every process; under {layout} they are sharded "
+                        f"(use DDP or ZeRO-2, or train without {flag})")  # fmt: skip
+    model = accelerator.unwrap_model(model)
+    if cfg.ema_decay:
+        return EMA(accelerator, model, cfg.ema_decay)
+    steps = feed.batches_per_epoch and math.ceil(feed.batches_per_epoch / cfg.gradient_accumulation_steps)
+    return SWA(accelerator, model, cfg.swa_start_epoch, cfg.swa_lr, steps)

@@ -191,8 +191,7 @@ def export_checkpoint(
     weights: str | None = None,
 ) -> str:
     """Write `checkpoint`'s weights as a `save_pretrained` model + tokenizer in `target` (atomically). `weights`:
-    "ema" (its weight average), "raw", or None (the average if it has one). Returns which were written."""
-    from resumable.averaging import EMA_FILE
+    "ema" or "swa" (its weight average), "raw", or None (the average if it has one). Returns which were written."""
     from resumable.export import save_pretrained_atomically
 
     check_export_target(target, checkpoint, force)
@@ -204,18 +203,33 @@ def export_checkpoint(
     tokenizer = find_tokenizer(checkpoint, settings, tokenizer_dir, cache_dir)
     model = rebuild_model(checkpoint, tokenizer, settings, cache_dir)
     load_weights(model, *checkpoint_weights(checkpoint))  # after the verification: DeepSpeed's files are pickles
-    kind = weights or ("ema" if (checkpoint / EMA_FILE).is_file() else "raw")
-    if kind == "ema":
-        _apply_average(model, checkpoint / EMA_FILE)
+    kind = weights or next((k for k in ("ema", "swa") if _average_updates(checkpoint / f"{k}.safetensors")), "raw")
+    if kind != "raw":
+        _apply_average(model, checkpoint / f"{kind}.safetensors", kind)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_pretrained_atomically(model, tokenizer, target)
     return kind
 
 
-def _apply_average(model: torch.nn.Module, path: Path) -> None:
-    """The averaged weights copied into the model's parameters (a tied parameter gets them under both names)."""
+def _average_updates(path: Path) -> int:
+    """How many updates the weight average in `path` has had (0 when there is none, or nothing averaged yet)."""
     if not path.is_file():
-        raise UserError(f"--weights ema: {path.parent} holds no weight average (trained without --ema_decay)")
+        return 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        return int((fh.metadata() or {}).get("updates", 0))
+
+
+def _apply_average(model: torch.nn.Module, path: Path, kind: str) -> None:
+    """The averaged weights copied into the model's parameters (a tied parameter gets them under both names)."""
+    from resumable.averaging import FLAGS
+
+    if not path.is_file():
+        raise UserError(f"--weights {kind}: {path.parent} holds no {kind} weight average (trained without "
+                        f"{FLAGS[kind]})")  # fmt: skip
+    if not _average_updates(path):
+        raise UserError(f"--weights {kind}: {path.parent} has averaged nothing yet; export --weights raw")
     from safetensors.torch import load_file
 
     average, params = load_file(str(path)), dict(model.named_parameters())

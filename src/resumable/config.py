@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import math
 import os
 import re
 import sys
@@ -15,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from resumable.config_checks import check_config, parse_duration, require  # noqa: F401 (re-exported)
 from resumable.errors import UserError
 
 TASKS = ("causal_lm", "sequence_classification")
@@ -29,13 +29,7 @@ SCHEDULERS = (
     "constant_with_warmup",
     "inverse_sqrt",
 )
-DATA_SUFFIXES = (".txt", ".csv", ".json", ".jsonl")
 RESUME_KEYWORDS = ("auto", "latest", "best", "none")
-TASK_METRICS = {
-    "causal_lm": ("eval/loss", "eval/perplexity"),
-    "sequence_classification": ("eval/loss", "eval/accuracy", "eval/precision", "eval/recall", "eval/f1"),
-    "seq2seq": ("eval/loss", "eval/rougeL", "eval/bleu"),
-}
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -97,6 +91,9 @@ class TrainConfig:
     max_steps: int = _f(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
     seed: int = _f(42, "Seed for model init, shuffling and dropout.")
     ema_decay: float = _f(0.0, "Exponential moving average of the weights, per optimizer step (0: off; e.g. 0.999).")
+    swa_start_epoch: int | None = _f(None, "Stochastic weight averaging: average the weights at the end of every "
+                                     "epoch from this one on (epochs count from 0; default: off).")  # fmt: skip
+    swa_lr: float | None = _f(None, "With --swa_start_epoch: a constant learning rate from that epoch on.")
     # --- Checkpoints, evaluation, logging
     output_dir: str | None = _f(None, "Where checkpoints, logs and the final model go (required).")
     checkpointing_steps: int = _f(500, "Save every N optimizer steps (0: only at epoch ends and the end).")
@@ -125,88 +122,7 @@ class TrainConfig:
     ddp_timeout: int = _f(1800, "Seconds a collective waits for the slowest rank before the job fails (NCCL: 600).")
 
     def __post_init__(self) -> None:
-        _require(self.output_dir, "--output_dir is required")
-        out = Path(self.output_dir)
-        _require(not out.exists() or out.is_dir(), f"--output_dir {out} exists and is not a directory")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            _require(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in (
-            "checkpointing_steps",
-            "eval_steps",
-            "max_steps_per_run",
-            "warmup_steps",
-            "dataloader_num_workers",
-            "keep_epoch_every",
-            "keep_best",
-            "max_nan_skips",
-        ):
-            _require(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        for f in fields(self):  # inf and nan parse as floats; no float flag can mean them
-            value = getattr(self, f.name)
-            _require(not isinstance(value, float) or math.isfinite(value), f"--{f.name} must be finite, got {value}")
-        for name in ("adam_beta1", "adam_beta2"):
-            _require(0 <= getattr(self, name) < 1, f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        # epsilon 0 turns the Adam update of a never-seen embedding row into 0/0 = NaN
-        _require(self.adam_epsilon > 0, f"--adam_epsilon must be > 0, got {self.adam_epsilon}")
-        for name in ("learning_rate", "adam_epsilon", "weight_decay", "max_grad_norm"):  # the optimizer's float32
-            _require(getattr(self, name) < 3e38, f"--{name} must be below 3e38 (float32), got {getattr(self, name)}")
-        _require(self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}")
-        _require(self.weight_decay >= 0, f"--weight_decay must be >= 0, got {self.weight_decay}")
-        _require(self.max_grad_norm >= 0, f"--max_grad_norm must be >= 0, got {self.max_grad_norm}")
-        _require(self.logging_steps >= 1, f"--logging_steps must be >= 1, got {self.logging_steps}")
-        _require(self.ddp_timeout >= 1, f"--ddp_timeout must be >= 1 (seconds), got {self.ddp_timeout}")
-        _require(
-            self.max_steps > 0 or self.num_train_epochs > 0, "--num_train_epochs must be > 0 unless --max_steps is set"
-        )
-        _require(self.block_size >= 2, f"--block_size must be >= 2, got {self.block_size}")
-        _require(self.max_seq_length >= 2, f"--max_seq_length must be >= 2, got {self.max_seq_length}")
-        for name in ("max_source_length", "max_target_length", "generation_max_length", "eval_generate_samples"):
-            _require(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.vocab_size >= 300, f"--vocab_size must be >= 300 (256 bytes + merges), got {self.vocab_size}")
-        _require(self.num_labels >= 2, f"--num_labels must be >= 2, got {self.num_labels}")
-        _require(0 < self.validation_split_percentage < 100, "--validation_split_percentage must be in 1..99")
-        if self.save_total_limit is not None:
-            _require(self.save_total_limit >= 1, f"--save_total_limit must be >= 1, got {self.save_total_limit}")
-        _require(
-            not (self.model_name_or_path and self.model_type),
-            "--model_name_or_path and --model_type are exclusive (a pretrained model has its own type)",
-        )
-        _require(
-            not (self.dataset_name and (self.train_file or self.validation_file)),
-            "--dataset_name and --train_file/--validation_file are exclusive",
-        )
-        _require(not (self.validation_file and not self.train_file), "--validation_file needs --train_file")
-        if self.streaming:
-            from resumable.stream import check_stream_flags
-
-            check_stream_flags(self)
-        for name in ("train_file", "validation_file"):
-            if getattr(self, name) and not (self.streaming and name == "train_file"):
-                _check_data_file(name, Path(getattr(self, name)))
-        self._check_resume()
-        _require(0 <= self.ema_decay < 1, f"--ema_decay must be in [0, 1), got {self.ema_decay}")
-        allowed = TASK_METRICS[self.task]
-        allowed += tuple(m.replace("eval/", "eval_ema/") for m in allowed) if self.ema_decay else ()
-        if self.metric_for_best_model is None:
-            self.metric_for_best_model = "eval/loss"
-        _require(
-            self.metric_for_best_model in allowed,
-            f"--metric_for_best_model {self.metric_for_best_model!r} is not a {self.task} metric; choose from {', '.join(allowed)}",
-        )
-        if self.greater_is_better is None:
-            self.greater_is_better = not self.metric_for_best_model.endswith(("loss", "perplexity"))
-        if self.max_run_time is not None:
-            parse_duration(self.max_run_time)
-        from resumable.preemption import parse_signals  # late: preemption imports nothing from here
-
-        parse_signals(self.stop_signals)
-        from resumable.trackers import choose_trackers
-
-        choose_trackers(self.report_to)  # an explicit tracker that is not installed fails here, not after start-up
-
-    def _check_resume(self) -> None:
-        """A checkpoint path is checked when the run is planned (resume_plan.py): a branch it started continues
-        under the same command even once that checkpoint has been pruned."""
+        check_config(self)  # every flag's bounds and combinations, one line naming the flag
 
     @property
     def text_columns(self) -> tuple[str, ...]:
@@ -227,34 +143,11 @@ class TrainConfig:
             keys += ("source_column", "target_column", "source_prefix", "max_source_length", "max_target_length")
         if self.ema_decay:  # recorded only when on: checkpoints of runs without it keep their settings
             keys += ("ema_decay",)
+        if self.swa_start_epoch is not None:
+            keys += ("swa_start_epoch", "swa_lr")
         if self.streaming:  # the streams' order depends on both
             keys += ("streaming", "shuffle_buffer", "dataloader_num_workers")
         return {k: getattr(self, k) for k in keys}
-
-
-def _require(ok: Any, message: str) -> None:
-    if not ok:
-        raise UserError(message)
-
-
-def _check_data_file(flag: str, path: Path) -> None:
-    _require(path.suffix in DATA_SUFFIXES, f"--{flag} {path}: unsupported extension (use {', '.join(DATA_SUFFIXES)})")
-    _require(path.is_file(), f"--{flag} {path}: file not found")
-    _require(path.stat().st_size > 0, f"--{flag} {path}: file is empty")
-
-
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+(?:\.\d+)?)s?)?$")
-
-
-def parse_duration(text: str) -> float:
-    """'3h50m', '90m', '1d2h', '7200' or '7200s' -> seconds."""
-    m = _DURATION.match(text.strip())
-    if not text.strip() or not m or not any(m.groups()):
-        raise UserError(f"--max_run_time {text!r}: expected a duration like 3h50m, 45m, 90s or 7200")
-    d, h, mi, s = (float(g) if g else 0.0 for g in m.groups())
-    seconds = d * 86400 + h * 3600 + mi * 60 + s
-    _require(seconds > 0, f"--max_run_time {text!r} must be positive")
-    return seconds
 
 
 # --- parsing
@@ -282,19 +175,19 @@ def _unknown(name: str, where: str) -> UserError:
 
 def _yaml_flags(path: str) -> list[str]:
     p = Path(path)
-    _require(p.is_file(), f"--config {path}: file not found")
+    require(p.is_file(), f"--config {path}: file not found")
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as err:
         raise UserError(f"--config {path}: invalid YAML ({str(err).splitlines()[0]})") from None
-    _require(isinstance(data, dict), f"--config {path}: expected a mapping of flag: value")
+    require(isinstance(data, dict), f"--config {path}: expected a mapping of flag: value")
     flags: list[str] = []
     for key, value in data.items():
         if key not in field_names() or key == "config":
             raise _unknown(str(key), f"--config {path}")
         if value is None:
             continue
-        _require(not isinstance(value, (list, dict)), f"--config {path}: key {key!r} must be a scalar")
+        require(not isinstance(value, (list, dict)), f"--config {path}: key {key!r} must be a scalar")
         text = str(value).lower() if isinstance(value, bool) else str(value)
         flags.append(f"--{key}={text}")  # one token: a value such as -1e+16 is never read as another flag
     return flags
@@ -303,7 +196,7 @@ def _yaml_flags(path: str) -> list[str]:
 def _peek_config(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == "--config":
-            _require(i + 1 < len(argv), "--config needs a file")
+            require(i + 1 < len(argv), "--config needs a file")
             return argv[i + 1]
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
