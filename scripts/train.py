@@ -33,7 +33,7 @@ from resumable.ranks import ranks
 from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.resume_plan import apply_plan, complete_record, plan_total_steps, read_complete
 from resumable.retention import RetentionPolicy, prune_checkpoints
-from resumable.trackers import choose_trackers, describe, start_trackers
+from resumable.trackers import choose_trackers, describe, mark_preempting, start_trackers
 
 log = get_logger("resumable.train")
 
@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- stop early, or finish
     if progress.step < total_steps or progress.eval_pending:
         save()
+        mark_preempting()  # a W&B sweep requeues the run, instead of counting it as crashed
         pending = ", its evaluation runs first on resume" if progress.eval_pending else ""
         log.warning(
             f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved"

@@ -21,6 +21,9 @@ TASK_METRICS = {
 def check_config(cfg) -> None:
     """Raise `UserError` for the first bad flag or combination."""
     require(cfg.output_dir, "--output_dir is required")
+    from resumable.sweep_agent import run_output_dir  # late: it imports logging
+
+    cfg.output_dir = run_output_dir(cfg.output_dir)  # under `wandb agent`: this run's own dir
     out = Path(cfg.output_dir)
     require(not out.exists() or out.is_dir(), f"--output_dir {out} exists and is not a directory")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def fresh_run_id(accelerator, cfg: TrainConfig) -> str:
     if accelerator.is_main_process:
         if not path.is_file():
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(secrets.token_hex(4))
+            tmp.write_text(os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))  # a sweep agent's own id
             tmp.replace(path)
         run_id[0] = path.read_text().strip()
     return broadcast_object_list(run_id)[0]  # other nodes may not see rank 0's output dir

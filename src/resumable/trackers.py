@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -89,3 +90,17 @@ def _write_hparams(writer, settings: dict[str, Any]) -> None:
     file_writer = writer._get_file_writer()
     for summary in hparams(values, {}):
         file_writer.add_summary(summary)
+
+
+def mark_preempting() -> None:
+    """Tell W&B (when this run logs to it) that the run is being preempted, so that its sweep requeues it."""
+    wandb = sys.modules.get("wandb")  # imported only when --report_to started it
+    run = getattr(wandb, "run", None) if wandb else None
+    if run is None:
+        return
+    try:
+        run.mark_preempting()
+    except Exception as err:  # the checkpointed exit matters more than the W&B record
+        log.warning(f"could not mark the W&B run {run.id} as preempting ({err}); it may show as crashed")
+        return
+    log.info(f"marked the W&B run {run.id} as preempting (its sweep requeues it)")
