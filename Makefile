@@ -10,6 +10,8 @@ STAMP := $(VENV)/.installed
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	@# W&B's sweep engine (scripts/sweep.py) declares numpy<2 but runs on the pinned numpy 2: no dependency resolution
+	$(BIN)/python -m pip install -q --no-deps -c constraints.txt sweeps jsonref
 	touch $(STAMP)
 
 # One CPU process needs no launcher, and without one Ctrl+C reaches the training process alone: it checkpoints and
