@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import PYTHON, REPO, TINY_LM, Run, assert_bitwise_same_run, logged_steps, ok
+from conftest import PYTHON, REPO, TINY_LM, Run, assert_bitwise_same_run, logged_steps, ok, train_records
 
 from resumable.errors import UserError
 from resumable.sweep_spec import agent_command, check_sweep, load_sweep
@@ -116,11 +116,11 @@ def test_the_runner_builds_the_command_wandb_agent_builds(tmp_path):
     assert env["WANDB_RUN_ID"] == "r1" and env["WANDB_SWEEP_ID"] == "s1"
 
 
-def wandb_records(wandb_dir: Path, run_id: str) -> list[str]:
-    """The record types in the offline run files of `run_id` (W&B's leveldb-style log of protobuf records)."""
+def wandb_records(wandb_dir: Path, run_id: str) -> list:
+    """The records in the offline run files of `run_id` (W&B's leveldb-style log of protobuf records)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    kinds = []
+    records = []
     for path in sorted(wandb_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")):
         data, pos, parts = path.read_bytes(), 7, b""  # 7: ":W&B" ident, magic, version
         while pos + 7 <= len(data):
@@ -136,9 +136,13 @@ def wandb_records(wandb_dir: Path, run_id: str) -> list[str]:
             if kind in (1, 4):  # FULL or LAST: one whole record
                 record = pb.Record()
                 record.ParseFromString(parts)
-                kinds.append(record.WhichOneof("record_type"))
+                records.append(record)
                 parts = b""
-    return kinds
+    return records
+
+
+def kinds(records: list) -> list[str]:
+    return [r.WhichOneof("record_type") for r in records]
 
 
 @pytest.mark.slow
@@ -149,14 +153,17 @@ def test_a_run_under_wandb_agent_trains_in_its_own_dir_marks_a_preemption_and_re
     base = tmp_path / "outputs"
     command = sweep["command"]
     command[command.index("outputs/sweeps/lr_batch_grid")] = str(base)
-    command[command.index("${args}") : command.index("${args}")] = tiny_flags(cache_dir, *sweep["parameters"])
+    command[command.index("${args}") : command.index("${args}")] = tiny_flags(
+        cache_dir, *sweep["parameters"], "report_to"
+    )
     proposal = sweeps.next_run({k: v for k, v in sweep.items() if k not in ("command", "program")}, [])
     params = {k: v["value"] for k, v in proposal.config.items()}
     wandb_dir = tmp_path / "wandb_dir"
 
     def agent_run(run_id: str) -> Run:
         cmd, env = agent_built(sweep, params, run_id, "sw1", wandb_dir)
-        run = Run([], base / "sweep-sw1" / run_id, cache_dir, env={**env, "WANDB_MODE": "offline"})
+        path = f"{Path(PYTHON).parent}{os.pathsep}{env['PATH']}"  # the agent runs in the activated venv
+        run = Run([], base / "sweep-sw1" / run_id, cache_dir, env={**env, "WANDB_MODE": "offline", "PATH": path})
         run.cmd = cmd
         return run
 
@@ -170,13 +177,21 @@ def test_a_run_under_wandb_agent_trains_in_its_own_dir_marks_a_preemption_and_re
     out = base / "sweep-sw1" / "abc"
     status = json.loads((out / "run_status.json").read_text())
     assert status["status"] == "requeue" and 9 <= status["step"] < 16, status
-    assert "preempting" in wandb_records(wandb_dir, "abc"), "the W&B run was not marked preempting"
-    assert "preempting" not in wandb_records(wandb_dir, "ref")
+    assert "preempting" in kinds(wandb_records(wandb_dir, "abc")), "the W&B run was not marked preempting"
+    assert "preempting" not in kinds(wandb_records(wandb_dir, "ref"))
     ok(agent_run("abc").run())  # the agent's resume: the same command and run id
     assert_bitwise_same_run(base / "sweep-sw1" / "ref", out)
-    config = yaml.safe_load(next(wandb_dir.glob("wandb/offline-run-*-abc/files/config.yaml")).read_text())
-    for name, value in params.items():  # W&B's run config holds the sampled values the run trained with
-        assert config[name]["value"] == value, name
+    records = wandb_records(wandb_dir, "abc")
+    swept = {
+        u.key: json.loads(u.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "run"
+        for u in r.run.config.update
+    }  # fmt: skip  (the agent's parameters, locked in the run's config)
+    assert {k: swept[k] for k in params} == params
+    lr = {r["step"]: r["lr"] for r in train_records(out)}
+    assert lr[4] == params["learning_rate"]  # warmup (3 steps) done, linear decay not begun: the peak itself
+    assert f"global batch {params['per_device_train_batch_size']}," in (out / "train.log").read_text()
     assert (out / "tracker_run_id").read_text() == "abc"
     assert sorted(p.name for p in (base / "sweep-sw1").iterdir()) == ["abc", "ref"]  # nothing outside run dirs
 
