@@ -191,3 +191,53 @@ def test_signal_before_the_training_listens_is_held_until_it_does(tmp_path, cach
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(shell.pid, signal.SIGKILL)
+
+
+def test_a_sweep_job_array_shares_the_trials_and_a_usr1_requeues_a_task_that_resumes_its_trial(
+    slurm, tmp_path, cache_dir
+):
+    from test_sweeps import GRID, runner, tiny_flags, trial
+
+    sweep_dir, job_log = tmp_path / "sweep", tmp_path / "job-%a.out"
+    extra = tiny_flags(cache_dir, "learning_rate", "per_device_train_batch_size", steps=150)
+    env = {**job_env(slurm, tmp_path, cache_dir, sweep_dir, []), "SWEEP": str(GRID), "SWEEP_DIR": str(sweep_dir),
+           "SWEEP_ARGS": "--count 3 --poll 0.2", "SWEEP_EXTRA": " ".join(extra)}  # fmt: skip
+    cmd = ["sbatch", "--parsable", "--array=0-1", f"--output={job_log}", "scripts/slurm/sweep.sbatch"]
+    job = ok(subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO, timeout=60)).stdout.strip()
+    tasks = [f"{job}_0", f"{job}_1"]
+
+    def running_trial():  # a trial past step 20 of 150, and the array task whose runner runs it
+        for path in sorted((sweep_dir / "trials").glob("trial-*.json")):
+            t = json.loads(path.read_text())
+            steps = logged_steps(sweep_dir / "trials" / t["id"])
+            if t["status"] == "running" and steps and 20 <= steps[-1] < 120:
+                with contextlib.suppress(OSError):
+                    environ = Path(f"/proc/{t['owner']['pid']}/environ").read_bytes().split(b"\0")
+                    task = next(e.split(b"=")[1].decode() for e in environ if e.startswith(b"SLURM_ARRAY_TASK_ID="))
+                    return t["id"], f"{job}_{task}"
+        return None
+
+    try:
+        name, task = wait_until(running_trial, 240, "a trial mid-way")
+        ok(subprocess.run(["scancel", "--signal=USR1", "--batch", task], env=env, capture_output=True, text=True))
+        for t in tasks:
+            wait_until(lambda t=t: job_state(env, t) == "COMPLETED", 400, f"task {t} to complete")
+        logs = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+        assert "=== REQUEUED" in logs and logs.count("=== SUCCESS") >= 2, logs[-4000:]
+        trials = [trial(sweep_dir, f"trial-{i:04d}") for i in (1, 2, 3)]
+        assert [t["status"] for t in trials] == ["finished"] * 3
+        interrupted = trial(sweep_dir, name)
+        assert interrupted["attempts"] == 2 and all(t["attempts"] == 1 for t in trials if t["id"] != name)
+        assert "Resuming from" in (sweep_dir / "trials" / name / "train.log").read_text()
+        ref = tmp_path / "ref"  # the same sweep, uninterrupted, outside Slurm
+        ok(subprocess.run(runner(ref, cache_dir, "--count", "3", steps=150).cmd, capture_output=True, text=True,
+                          cwd=REPO, timeout=600))  # fmt: skip
+        for i in (1, 2, 3):
+            assert_bitwise_same_run(ref / "trials" / f"trial-{i:04d}", sweep_dir / "trials" / f"trial-{i:04d}")
+    except BaseException:
+        for path in tmp_path.glob("job-*.out"):
+            print(f"----- {path}\n{path.read_text()[-4000:]}")
+        print(diagnostics(Path(slurm["BASE"]), tmp_path / "none"))
+        raise
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True)

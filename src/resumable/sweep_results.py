@@ -72,7 +72,10 @@ def plot(path: Path, trials: list[Trial], sweep: dict) -> bool:
         xs = [t.params.get(name) for t, _ in scored]
         numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs)
         labels = sorted({str(x) for x in xs}) if not numeric else []
-        ax.scatter([x if numeric else labels.index(str(x)) for x in xs], [v for _, v in scored], s=28)
+        points = [x if numeric else labels.index(str(x)) for x in xs]
+        ax.scatter(points, [v for _, v in scored], s=28)
+        for x, (t, v) in zip(points, scored):  # which trial each point is (results.md has its parameters)
+            ax.annotate(str(t.index), (x, v), textcoords="offset points", xytext=(4, 3), fontsize=7)
         if numeric and log_scale(name, sweep, xs):
             ax.set_xscale("log")
         if labels:
