@@ -36,10 +36,15 @@ log = get_logger("resumable.sweep")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, as scripts/train.py's flags
+        raise UserError(message)
+
+
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", help="a W&B sweep config, e.g. sweeps/lr_batch_grid.yaml")
     parser.add_argument("--output_dir", required=True, help="the sweep's state, every trial's output dir, results")
     parser.add_argument("--count", type=int, help="trials in the sweep in all (required unless it is a grid)")

@@ -28,23 +28,29 @@ def ranked(trials: list[Trial], sweep: dict) -> list[Trial]:
     return sorted(trials, key=key)
 
 
-def rows(trials: list[Trial], sweep: dict) -> tuple[list[str], list[list[str]]]:
+def _shown(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def rows(trials: list[Trial], sweep: dict, exact: bool = False) -> tuple[list[str], list[list[str]]]:
+    """The table, best first; `exact`: parameters as given (the CSV), else floats to 4 significant digits."""
     metric, names = sweep["metric"]["name"], list(sweep["parameters"])
     header = ["trial", "status", *names, metric, "steps", "minutes"]
     table = []
     for t in ranked(trials, sweep):
         value = final_metric(t, metric)
         steps = t.history[-1]["step"] if t.history else ""
-        table.append([t.id, t.status, *(str(t.params.get(n, "")) for n in names),
+        table.append([t.id, t.status, *((str if exact else _shown)(t.params.get(n, "")) for n in names),
                       "" if value is None else f"{value:.4f}", str(steps), f"{t.seconds / 60:.1f}"])  # fmt: skip
     return header, table
 
 
 def write_results(root: Path, trials: list[Trial], sweep: dict) -> list[Path]:
     """results.md, results.csv and results.png in `root`; returns the paths written."""
-    header, table = rows(trials, sweep)
+    header, table = rows(trials, sweep, exact=True)
     buf = io.StringIO()
     csv.writer(buf).writerows([header, *table])
+    header, table = rows(trials, sweep)
     (root / "results.csv").write_text(buf.getvalue())
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in table]
