@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Valid config keys have changed in V2")  # the sweeps engine's pydantic
     from resumable.sweep_results import final_metric, write_results
     from resumable.sweep_spec import agent_command, check_sweep, load_sweep
-    from resumable.trials import SweepDir
+    from resumable.trials import TAG, SweepDir, kill_attempt
 
     if "WANDB_MODE" not in os.environ:  # a trial logging to W&B writes its run locally (`wandb sync` uploads it)
         os.environ["WANDB_MODE"] = "offline"
@@ -105,49 +105,68 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.output_dir}: {args.count or 'every'} trial(s); W&B mode {os.environ['WANDB_MODE']}")  # fmt: skip
 
     # --- stop requests: handed to the running trial, which checkpoints and exits; the runner then stops too
-    current: dict[str, subprocess.Popen | None] = {"proc": None}
+    current: dict = {"proc": None, "attempt": None}
     stopping: list[str] = []
+
+    def forward(signum: int) -> None:
+        proc = current["proc"]
+        if proc is None or proc.poll() is not None:
+            return
+        if signum == signal.SIGINT and stopping.count("SIGINT") > 1:  # a second Ctrl+C: the user means it
+            kill_attempt(current["attempt"])  # the trial's newest checkpoint stays; it resumes from there
+        else:  # TERM for Ctrl+C: the launch wrapper forwards TERM and USR1 (an INT would end the wrapper alone)
+            os.kill(proc.pid, signal.SIGTERM if signum == signal.SIGINT else signum)
 
     def on_signal(signum, frame):
         stopping.append(signal.Signals(signum).name)
-        if current["proc"] is not None and current["proc"].poll() is None:
-            os.kill(current["proc"].pid, signal.SIGTERM if signum == signal.SIGINT else signum)
+        forward(signum)
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_signal)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", TQDM_DISABLE="1")  # trial logs: lines, not progress bars
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_RUN_ID", "WANDB_SWEEP_ID")}  # not an agent's
+    env.update(PYTHONUNBUFFERED="1", TQDM_DISABLE="1")  # trial logs: lines, not progress bars
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # python, accelerate: ours
 
     # --- trials, until nothing is left for this runner
-    failed = 0
+    failed, retry = 0, {t.id for t in store.trials() if t.status == "failed"} if args.retry_failed else set()
     while not stopping:
-        trial = store.claim(args.count, args.retry_failed)
+        trial = store.claim(args.count, retry)
         if trial is None:
             break
-        run_dir, attempt = store.run_dir(trial), f"{trial.id}-{trial.attempts}-{os.getpid()}-{time.time_ns()}"
+        retry.discard(trial.id)  # once per run of the runner: a failure that always happens is not retried forever
+        run_dir, attempt = store.run_dir(trial), trial.owner["attempt"]
+        if stopping:  # a stop while claiming: hand the trial back before it starts
+            trial.status = "requeue"
+            with store.locked():
+                store.save(trial)
+            break
         command = agent_command(sweep, trial.params) + extra + ["--output_dir", str(run_dir)]
         shown = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         how = "new" if trial.attempts == 1 else f"attempt {trial.attempts}, resuming from its checkpoints"
         log.info(f"{trial.id} ({how}): {shown}; log {store.log_file(trial)}")
-        t0, stop_early = time.monotonic(), False
-        with open(store.log_file(trial), "a") as out:
+        t0, stop_early, lost = time.monotonic(), False, False
+        with open(store.log_file(trial), "a") as out:  # every process of the attempt carries its tag
             proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env=dict(env, RESUMABLE_ATTEMPT=attempt))  # fmt: skip
-        current["proc"] = proc
-        trial.owner["pgid"] = proc.pid  # a runner taking the trial over stops what is left of this group
-        with store.locked():
-            store.save(trial)
+                                    env=dict(env, RESUMABLE_ATTEMPT=attempt, **{TAG: attempt}))  # fmt: skip
+        current.update(proc=proc, attempt=attempt)
+        if stopping:  # it came while the process was being started
+            forward(signal.Signals[stopping[-1]])
         while proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=args.poll)
-            trial.heartbeat, trial.history = time.time(), history(run_dir, metric)
-            if not stop_early and not stopping and store.should_stop(trial):
+            store.heartbeat(trial)
+            trial.history = history(run_dir, metric)
+            if not lost and not store.still_mine(trial):  # taken over (this runner looked dead): let go
+                lost = True
+                log.warning(f"{trial.id}: another runner took it over; stopping this runner's attempt")
+                os.kill(proc.pid, signal.SIGTERM)
+            if not (stop_early or stopping or lost) and store.should_stop(trial):
                 stop_early = True
                 log.info(f"{trial.id}: hyperband stops it at step {trial.history[-1]['step']}")
                 os.kill(proc.pid, signal.SIGTERM)
-            with store.locked():
-                store.save(trial)
         current["proc"] = None
+        if lost:
+            continue
         status = run_status(run_dir, attempt)
         trial.history, trial.exit_code = history(run_dir, metric), proc.returncode
         trial.seconds += time.monotonic() - t0
@@ -155,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
             trial.status = "stopped"
         elif status == "finished" and proc.returncode == EXIT_FINISHED:
             trial.status = "finished"
+        elif status == "diverged":  # a result (this configuration diverges), not a failure to retry
+            trial.status = "diverged"
         elif status == "requeue" or stopping:  # a stop (even one that came before its handler): resume it later
             trial.status = "requeue"
         else:
@@ -163,16 +184,17 @@ def main(argv: list[str] | None = None) -> int:
         log.info(f"{trial.id}: {trial.status} (exit {proc.returncode}) after {trial.seconds:.0f} s; {metric} "
                  f"{'n/a' if value is None else f'{value:.4f}'}")  # fmt: skip
         with store.locked():
-            store.save(trial)
+            if store.still_mine(trial):
+                store.save(trial)
 
     # --- results
     with store.locked():
         trials = store.trials()
         written = write_results(store.root, trials, sweep)
     open_trials = [t.id for t in trials if t.status in ("running", "requeue")]
-    done = sum(t.status in ("finished", "stopped") for t in trials)
+    done = sum(t.status in ("finished", "stopped", "diverged") for t in trials)
     log.info(f"{done} of {len(trials)} trial(s) done; results: {', '.join(str(p) for p in written)}")
-    if stopping:
+    if stopping and open_trials:
         log.warning(f"Stopped ({stopping[0]}); run the same command to continue ({', '.join(open_trials)} open)")
         return EXIT_REQUEUE
     if open_trials:

@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from
 
 from resumable.agreement import agree_on_plan
 from resumable.backend import make_backend, prepare_backend
-from resumable.checkpoint import amend_checkpoint, read_progress, save_checkpoint, step_name
+from resumable.checkpoint import amend_checkpoint, read_progress, step_name
+from resumable.checkpoint_writer import checkpoint_writer
 from resumable.config import cache_root, parse_config, parse_duration
 from resumable.disk import check_output_dir_writable, disk_full_exits
 from resumable.errors import exit_on_user_error
@@ -32,7 +33,7 @@ from resumable.preemption import EXIT_FINISHED, EXIT_REQUEUE, StopRequest, injec
 from resumable.ranks import ranks
 from resumable.remote import RemoteMirror, is_remote, staging_dir
 from resumable.resume_plan import apply_plan, complete_record, plan_total_steps, read_complete
-from resumable.retention import RetentionPolicy, prune_checkpoints
+from resumable.retention import RetentionPolicy
 from resumable.trackers import choose_trackers, describe, mark_preempting, start_trackers
 
 log = get_logger("resumable.train")
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if samples_log:
         samples_log.truncate_after(progress.step)
     policy = RetentionPolicy.from_config(cfg)
+    writer = checkpoint_writer(accelerator, cfg, policy, mirror)  # --async_save: commits in the background
     settings = {k: v for k, v in vars(cfg).items() if v is not None}
     start_trackers(accelerator, cfg, trackers, settings, progress.step, progress.tracker_run_id)
     guard = NanGuard(cfg.nan_policy, cfg.max_nan_skips, scaler_active=accelerator.scaler is not None)
@@ -203,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         """Commit a checkpoint at this step, or record what changed since this step's (an evaluation re-run)."""
         nonlocal last_saved
+        writer.wait()  # --async_save: the pending save is committed first (and its error raised here)
         if last_saved == state():
             return
         t0 = time.perf_counter()
@@ -210,20 +213,14 @@ def main(argv: list[str] | None = None) -> int:
             folder = cfg.checkpoints_dir / step_name(progress.step)
             if is_main:
                 amend_checkpoint(folder, progress)
-            team.wait()
+                writer.after_commit(folder)  # retention (the best pool may change), upload
         else:
             recorded = {"settings": cfg.resume_settings(), "retention": dataclasses.asdict(policy)}
             files = {**feed.checkpoint_files(), **averages.checkpoint_files()}  # a stream position, the average
-            folder = save_checkpoint(accelerator, cfg.checkpoints_dir, progress, recorded, files)
-        if is_main:
-            prune_checkpoints(cfg.checkpoints_dir, policy)
-            if mirror:  # data files first, manifest last: a cut upload is never taken as a checkpoint
-                mirror.push_checkpoint(folder)
-                for name in ("train_log.jsonl", "train.log"):
-                    mirror.push_file(name)
-                mirror.prune_remote(policy)
+            writer.save(progress, recorded, files)  # commit, retention, upload (--async_save: in the background)
         team.wait()  # the others wait for rank 0's upload here, not in the next step's all-reduce
-        stop.note_save(time.perf_counter() - t0)  # --max_run_time leaves room for the save and its upload
+        # --max_run_time leaves room for the save and its upload (a background one included)
+        stop.note_save(time.perf_counter() - t0 + writer.background_s)
         last_saved = state()
 
     # --- training loop
@@ -315,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     # --- stop early, or finish
     if progress.step < total_steps or progress.eval_pending:
         save()
-        mark_preempting()  # a W&B sweep requeues the run, instead of counting it as crashed
+        mark_preempting(stop.reason)  # a scheduler's stop: a W&B sweep requeues the run, not crashed
         pending = ", its evaluation runs first on resume" if progress.eval_pending else ""
         log.warning(
             f"Stopped ({stop.reason or 'evaluation interrupted'}); checkpoint {step_name(progress.step)} saved"

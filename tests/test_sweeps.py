@@ -172,7 +172,7 @@ def test_a_run_under_wandb_agent_trains_in_its_own_dir_marks_a_preemption_and_re
     run = agent_run("abc")
     run.start()
     run.wait_for_step(9)
-    run.proc.terminate()  # what the agent does to stop a run (Agent._command_stop): SIGTERM to its process
+    run.proc.send_signal(signal.SIGUSR1)  # a scheduler's stop (Slurm's signal lead) reaching the agent's run
     run.proc.wait(timeout=120)
     out = base / "sweep-sw1" / "abc"
     status = json.loads((out / "run_status.json").read_text())

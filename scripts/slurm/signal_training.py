@@ -5,10 +5,10 @@ forwards SIGTERM/SIGUSR1 (USR1's default action kills it and leaves the training
 and torchrun starts its workers in their own sessions. So the launcher is started with RESUMABLE_LAUNCH_TAG=<tag>
 in its environment, which every process below it inherits, and the targets are found by scanning /proc:
 
-- tagged, and a child of the launcher (the top tagged process: its parent is untagged), since what the training
-  processes start themselves (DataLoader workers, W&B's service process) must not get the signal: they do not
-  save, and W&B's service would die of it and take the run's records with it;
-- not a fork of its parent (same command line), for the same reason;
+- tagged, but not the launcher (the top tagged process: its parent is untagged);
+- not a fork of its parent (same command line: DataLoader workers), and not started by a process below the
+  launcher that handles the signal itself (a training process's W&B service would die of it and take the run's
+  records with it): those are not the ones that save;
 - handles the signal already (SigCgt): a process still importing would lose it (USR1 is ignored until then,
   see launch.sh) or die of it (TERM), so the signal waits until the training script has installed its handler.
   One process suffices under DDP: the ranks agree on the stop through the per-step all-reduce.
@@ -61,9 +61,14 @@ def targets(tag: str, signum: int) -> list[int]:
     out = []
     for pid, p in procs.items():
         parent = procs.get(p["ppid"])
-        if parent is None or parent["ppid"] in procs or parent["cmdline"] == p["cmdline"]:
-            continue  # the launcher itself, or what a training process started (W&B's service, a worker)
-        if p["caught"] >> (signum - 1) & 1:
+        if parent is None or parent["cmdline"] == p["cmdline"] or not p["caught"] >> (signum - 1) & 1:
+            continue  # the launcher itself, a fork of its parent (a DataLoader worker), or deaf to the signal
+        ancestor = parent
+        while ancestor is not None and ancestor["ppid"] in procs:  # below the launcher (wrappers like `uv run`)
+            if ancestor["caught"] >> (signum - 1) & 1:
+                break  # started by a training process (W&B's service): the training process gets it instead
+            ancestor = procs.get(ancestor["ppid"])
+        else:
             out.append(pid)
     return sorted(out)
 

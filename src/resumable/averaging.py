@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from resumable.config_checks import require
 from resumable.errors import UserError
 from resumable.logs import get_logger
 
@@ -200,4 +201,8 @@ def averaging_for(accelerator, cfg, model, feed):
     if cfg.ema_decay:
         return EMA(accelerator, model, cfg.ema_decay)
     steps = feed.batches_per_epoch and math.ceil(feed.batches_per_epoch / cfg.gradient_accumulation_steps)
+    ended = math.floor(cfg.max_steps / steps) if cfg.max_steps > 0 and steps else math.floor(cfg.num_train_epochs)
+    if cfg.max_steps <= 0 or steps:  # (a stream's epochs have no known length)
+        require(cfg.swa_start_epoch < ended, f"--swa_start_epoch {cfg.swa_start_epoch}: the run ends {ended} "
+                f"epoch(s) (0..{ended - 1}), so none would be averaged")  # fmt: skip
     return SWA(accelerator, model, cfg.swa_start_epoch, cfg.swa_lr, steps)

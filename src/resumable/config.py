@@ -97,6 +97,9 @@ class TrainConfig:
     # --- Checkpoints, evaluation, logging
     output_dir: str | None = _f(None, "Where checkpoints, logs and the final model go (required).")
     checkpointing_steps: int = _f(500, "Save every N optimizer steps (0: only at epoch ends and the end).")
+    async_save: bool = _f(
+        False, "Write checkpoints in the background; training waits only for a CPU copy of the state."
+    )
     save_total_limit: int | None = _f(None, "Rolling pool: keep the newest N checkpoints (default: all).")
     keep_epoch_every: int = _f(0, "Epoch pool: keep the epoch-end checkpoint of every k-th epoch; 0: off.")
     keep_best: int = _f(1, "Best pool: keep the k best checkpoints by --metric_for_best_model; 0: off.")

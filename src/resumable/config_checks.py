@@ -112,11 +112,7 @@ def _check_averaging(cfg) -> str:
     require(cfg.swa_lr is None or cfg.swa_lr > 0, f"--swa_lr must be > 0, got {cfg.swa_lr}")
     require(not (cfg.swa_lr and cfg.streaming), "--swa_lr needs epochs of a known length; a --streaming epoch's "
             "is unknown until it ends (average with --swa_start_epoch alone)")  # fmt: skip
-    if cfg.max_steps <= 0:
-        ended = math.floor(cfg.num_train_epochs)
-        require(swa < ended, f"--swa_start_epoch {swa}: the run ends {ended} epoch(s) (0..{ended - 1}), so "
-                "none would be averaged")  # fmt: skip
-    return "swa"
+    return "swa"  # whether an epoch from `swa` on ever ends is checked at start-up (averaging.py)
 
 
 def require(ok: Any, message: str) -> None:

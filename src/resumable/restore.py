@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
@@ -48,11 +47,14 @@ def fresh_run_id(accelerator, cfg: TrainConfig) -> str:
     aside with the rest of the run, so it gets a new id.)"""
     from accelerate.utils import broadcast_object_list
 
+    from resumable.sweep_agent import agent_run
+
     path, run_id = Path(cfg.output_dir) / RUN_ID_FILE, [""]
     if accelerator.is_main_process:
         if not path.is_file():
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4))  # a sweep agent's own id
+            ids = agent_run()  # under `wandb agent`: the run id the agent gave this run
+            tmp.write_text(ids[1] if ids else secrets.token_hex(4))
             tmp.replace(path)
         run_id[0] = path.read_text().strip()
     return broadcast_object_list(run_id)[0]  # other nodes may not see rank 0's output dir

@@ -92,11 +92,18 @@ def _write_hparams(writer, settings: dict[str, Any]) -> None:
         file_writer.add_summary(summary)
 
 
-def mark_preempting() -> None:
-    """Tell W&B (when this run logs to it) that the run is being preempted, so that its sweep requeues it."""
+def mark_preempting(reason: str | None) -> None:
+    """Tell W&B (when this run logs to it) that the run is being preempted, so that its sweep requeues it.
+
+    Only for a stop a scheduler asked for: SIGUSR1 (Slurm's signal lead), SIGTERM inside a Slurm job, a budget
+    (--max_run_time, --max_steps_per_run). A plain SIGTERM is also how `wandb agent` stops a run (hyperband, the
+    UI's stop button) and Ctrl+C is a person: marking those would make the sweep run them again.
+    """
     wandb = sys.modules.get("wandb")  # imported only when --report_to started it
     run = getattr(wandb, "run", None) if wandb else None
-    if run is None:
+    signalled = (reason or "").startswith("received ")
+    by_scheduler = not signalled or "SIGUSR1" in reason or ("SIGTERM" in reason and "SLURM_JOB_ID" in os.environ)
+    if run is None or not reason or not by_scheduler:
         return
     try:
         run.mark_preempting()
