@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     ga, bs = cfg.gradient_accumulation_steps, cfg.per_device_train_batch_size
     feed = feed_for(accelerator, cfg, train_dl, train_ds, team)  # where in the data the loop is, and how it gets back
     averages = averaging_for(accelerator, cfg, model, feed)  # EMA or SWA: kept, checkpointed, evaluated, final/
+    policy = RetentionPolicy.from_config(cfg)
+    writer = checkpoint_writer(accelerator, cfg, policy, mirror)  # --async_save: commits in the background
     saved = read_progress(resume_dir) if resume_dir is not None else None
     total_steps = plan_total_steps(cfg, feed.batches_per_epoch, (world, bs, ga), saved)
     scheduler = averages.schedule(get_scheduler(cfg.lr_scheduler_type, optimizer, cfg.warmup_steps, total_steps))
@@ -166,8 +168,6 @@ def main(argv: list[str] | None = None) -> int:
     samples_log = TrainLog(out / "samples" / f"rank{accelerator.process_index}.jsonl") if cfg.record_samples else None
     if samples_log:
         samples_log.truncate_after(progress.step)
-    policy = RetentionPolicy.from_config(cfg)
-    writer = checkpoint_writer(accelerator, cfg, policy, mirror)  # --async_save: commits in the background
     settings = {k: v for k, v in vars(cfg).items() if v is not None}
     start_trackers(accelerator, cfg, trackers, settings, progress.step, progress.tracker_run_id)
     guard = NanGuard(cfg.nan_policy, cfg.max_nan_skips, scaler_active=accelerator.scaler is not None)

@@ -84,3 +84,23 @@ def test_an_async_2_process_run_killed_anywhere_resumes_bitwise(tmp_path, tmp_pa
     assert checkpoint_steps(out)
     ok(Run([*DDP_LM, "--async_save"], out, cache_dir, "cpu_ddp").run())
     assert_bitwise_same_run(ref, out)
+
+
+def test_async_save_is_refused_in_one_line_where_the_engine_writes_its_own_shards():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from resumable.checkpoint_writer import AsyncCheckpointWriter, CheckpointWriter, checkpoint_writer
+    from resumable.errors import UserError
+
+    cfg = SimpleNamespace(async_save=True)
+    for kind, stage, layout in ((DistributedType.DEEPSPEED, 3, "deepspeed-zero3"), (DistributedType.FSDP, 0, "fsdp")):
+        acc = SimpleNamespace(
+            distributed_type=kind, state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage))
+        )
+        with pytest.raises(UserError, match=f"--async_save: under {layout} the engine writes its own shards"):
+            checkpoint_writer(acc, cfg, None, None)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, state=None)
+    assert type(checkpoint_writer(ddp, cfg, None, None)) is AsyncCheckpointWriter
+    assert type(checkpoint_writer(ddp, SimpleNamespace(async_save=False), None, None)) is CheckpointWriter
