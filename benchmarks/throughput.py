@@ -1,7 +1,8 @@
-"""Harness overhead: steady-state optimizer steps/s of scripts/train.py vs a raw PyTorch loop and a minimal
-accelerate loop, on the same model, data, batch and thread count, measured in one run (interleaved repeats).
+"""Harness overhead: steady-state optimizer steps/s of scripts/train.py vs a raw PyTorch loop, a minimal
+accelerate loop and the HF Trainer, on the same model, data, batch, optimizer and thread count, measured in one
+run (interleaved repeats).
 
-    .venv/bin/python benchmarks/throughput.py --repeats 3 --steps 150
+    .venv/bin/python benchmarks/throughput.py --repeats 3 --steps 150 [--variants raw,accelerate,trainer,harness]
 
 Each variant runs in a fresh process. Steady state = the steps after the first `--warmup` ones, up to the last
 (the harness's evaluation and final save come after its last logged step and are not timed).
@@ -55,6 +56,8 @@ def worker(kind: str, steps: int, cache: str, out: str) -> list[float]:
     model = build_model(cfg, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     sched = get_scheduler(cfg.lr_scheduler_type, opt, cfg.warmup_steps, steps)
+    if kind == "trainer":
+        return trainer_times(cfg, model, opt, sched, train_ds, train_dl.collate_fn, steps, out)
     if kind == "accelerate":
         from accelerate import Accelerator
 
@@ -79,6 +82,27 @@ def worker(kind: str, steps: int, cache: str, out: str) -> list[float]:
             times.append(time.time())
             if len(times) >= steps:
                 break
+    return times
+
+
+def trainer_times(cfg, model, opt, sched, train_ds, collate, steps: int, out: str) -> list[float]:
+    """The HF Trainer on the same model, data, collator, optimizer and schedule; a step's time at on_step_end."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            times.append(time.time())
+
+    args = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size, max_steps=steps,
+        max_grad_norm=cfg.max_grad_norm, logging_steps=10, save_strategy="no", eval_strategy="no", report_to=[],
+        use_cpu=True, dataloader_num_workers=0, seed=cfg.seed, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=collate, optimizers=(opt, sched),
+                      callbacks=[Clock()])  # fmt: skip
+    trainer.train()
     return times
 
 

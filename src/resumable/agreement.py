@@ -27,6 +27,7 @@ def agree_on_plan(team: Ranks, cfg: TrainConfig, mirror=None) -> ResumePlan:
     shared = team.broadcast(shared)
     if shared[0] == "error":
         _, code, message = shared
+        team.wait()  # every rank has the message before any exits (an early exit breaks a peer's receive)
         raise (EnvironmentFailure if code == EnvironmentFailure.exit_code else UserError)(message)
     _, plan, seen = shared
     if team.world == 1 or plan.resume is None or plan.complete or team.group is None:  # XLA: one shared folder
