@@ -150,7 +150,8 @@ def main() -> None:
                         "--out",
                         out,
                     ]
-                    times = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+                    result = subprocess.run(cmd, check=True, capture_output=True, text=True)
+                    times = json.loads(result.stdout.strip().splitlines()[-1])  # the Trainer prints its logs too
                 rates[v].append(steady_rate(times, a.warmup))
                 print(f"repeat {r} {v:>10}: {rates[v][-1]:.2f} steps/s", flush=True)
     base = statistics.median(rates["raw"]) if "raw" in rates else None
