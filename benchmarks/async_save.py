@@ -10,7 +10,6 @@ Medians of interleaved repeats. The async save's memory cost is one CPU copy of 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -22,25 +21,14 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--n_layer", type=int, default=12)
-    p.add_argument("--n_embd", type=int, default=768)
-    a = p.parse_args()
-
     import torch
-    from accelerate import Accelerator
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from checkpoint_io import gpt2_setup
 
     from resumable.checkpoint import Progress
     from resumable.checkpoint_writer import AsyncCheckpointWriter, CheckpointWriter
     from resumable.retention import RetentionPolicy
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=12))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    acc = Accelerator(cpu=True)
-    model, opt = acc.prepare(model, opt)
+    a, acc, model, opt = gpt2_setup(__doc__)
     batch = torch.randint(0, 1000, (4, 128))
 
     def step() -> float:

@@ -19,8 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def gpt2_setup(doc: str) -> tuple:
+    """(args, accelerator, model, optimizer): a GPT-2 of --n_layer x --n_embd with AdamW's moments materialised,
+    prepared on the CPU (shared by the checkpoint benchmarks)."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--n_layer", type=int, default=12)
     p.add_argument("--n_embd", type=int, default=768)
@@ -30,16 +32,21 @@ def main() -> None:
     from accelerate import Accelerator
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from resumable.checkpoint import Progress, _hash_files, commit_checkpoint, verify_checkpoint
-
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=a.n_layer, n_embd=a.n_embd, n_head=12))
-    params = sum(t.numel() for t in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model(torch.randint(0, 1000, (1, 8)), labels=torch.randint(0, 1000, (1, 8))).loss.backward()
     opt.step()  # materialise Adam's two moments
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(model, opt)
+    return a, acc, model, opt
+
+
+def main() -> None:
+    from resumable.checkpoint import Progress, _hash_files, commit_checkpoint, verify_checkpoint
+
+    a, acc, model, opt = gpt2_setup(__doc__)
+    params = sum(t.numel() for t in model.parameters())
     rows: dict[str, list[float]] = {k: [] for k in ("save_state", "commit", "hash only", "verify", "load_state")}
     size = 0
     with tempfile.TemporaryDirectory(dir=REPO) as tmp:
