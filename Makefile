@@ -45,8 +45,9 @@ format: $(STAMP)
 docs: $(STAMP)  ## regenerate the README's flag table from the config dataclass
 	$(BIN)/python -m resumable.config README.md
 
-bench: $(STAMP)  ## harness overhead vs a raw PyTorch loop
-	$(BIN)/python benchmarks/throughput.py $(ARGS)
+bench: $(STAMP)  ## train.py vs a raw loop, accelerate and the HF Trainer (~25 min), then async saves on GPT-2 124M
+	$(BIN)/python benchmarks/compare.py $(ARGS)
+	$(BIN)/python benchmarks/async_save.py --repeats 3
 
 clean:
 	rm -rf $(VENV) outputs

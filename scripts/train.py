@@ -261,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             stop.note_step(time.perf_counter() - t_step)
             stop.check_budgets(steps_this_run + 1, eval_due)
             # one all-reduce carries the loss, the stop flag and the non-finite flag: ranks agree for free
-            flags = torch.stack([torch.tensor(float(stop.local_flag)), guard.local_flag(window_loss, grad_norm).cpu()])
-            stats = accelerator.reduce(torch.cat([window_loss.float().view(1), flags.to(accelerator.device)]), "sum")
+            flag = torch.full((1,), float(stop.local_flag), device=accelerator.device)  # a fill: no host copy
+            local = torch.cat([window_loss.float().view(1), flag, guard.local_flag(window_loss, grad_norm).view(1)])
+            stats = accelerator.reduce(local, "sum").cpu()  # the step's one device sync: every rank decides alike
             step_loss, stopping, bad = (stats[0] / world).item(), stats[1].item() > 0, stats[2].item() > 0
             lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on after it)
             if diverged := guard.diverged(bad, progress, step_loss, grad_norm):

@@ -34,6 +34,19 @@ def test_async_checkpoints_are_byte_for_byte_the_synchronous_ones(tmp_path, tmp_
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_the_weight_average_is_written_in_the_background_as_of_its_step(tmp_path, tmp_path_factory, cache_dir):
+    # each background write takes 1 s more: training moves the EMA on meanwhile, the file must hold the step's
+    ema = [*TINY_LM, "--ema_decay", "0.9"]
+    ref = reference(tmp_path_factory, cache_dir, ema)
+    out = tmp_path / "async-ema"
+    ok(Run([*ema, "--async_save"], out, cache_dir, env={"RESUMABLE_DELAY": "async_write:1"}).run())
+    assert checkpoint_steps(out) == checkpoint_steps(ref)
+    for step in checkpoint_steps(ref):
+        a, b = (d / "checkpoints" / f"step-{step:08d}" / "ema.safetensors" for d in (ref, out))
+        assert a.read_bytes() == b.read_bytes(), step
+    assert_bitwise_same_run(ref, out)
+
+
 def tmp_folders(out):
     return sorted(p.name for p in (out / "checkpoints").glob(".tmp-step-*"))
 

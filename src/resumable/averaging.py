@@ -96,10 +96,9 @@ class WeightAverage(NoAverage):
     def checkpoint_files(self) -> dict:
         if not self.accelerator.is_main_process:
             return {}
-        from safetensors.torch import save_file
+        from resumable.checkpoint import TensorFile
 
-        tensors = {n: s.contiguous() for n, s in zip(self.names, self.shadow)}
-        return {self.file: lambda path: save_file(tensors, str(path), {"updates": str(self.updates)})}
+        return {self.file: TensorFile(dict(zip(self.names, self.shadow)), {"updates": str(self.updates)})}
 
     def resume(self, checkpoint: Path | None) -> None:
         if checkpoint is None:

@@ -80,6 +80,20 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+@dataclass
+class TensorFile:
+    """A safetensors file of a checkpoint (rank 0's weight average): written as is by a synchronous save; with
+    --async_save its tensors are copied to CPU at the step and written in the background with the weights."""
+
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    def __call__(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.tensors.items()}, str(path), self.metadata)
+
+
 def save_checkpoint(
     accelerator: Accelerator, checkpoints_dir: Path, progress: Progress, extra: dict | None = None,
     rank_files: dict | None = None,
@@ -87,7 +101,7 @@ def save_checkpoint(
     """Commit the full training state at `progress.step`; every process must call this. Returns the folder.
 
     `rank_files`: this process's own files (a stream position, rank 0's weight average), committed beside
-    accelerate's RNG files: {name: dict (written as JSON) or a function that writes the file at the path given}.
+    accelerate's RNG files: {name: dict (written as JSON), TensorFile, or a function that writes the file at the path given}.
 
     A full disk removes the temporary folder and raises EnvironmentFailure (exit 74) naming the checkpoint that
     is still intact; nothing committed before is touched.

@@ -4,8 +4,8 @@ the background, training waiting only for a copy of the state in CPU memory.
 Either way the commit protocol is checkpoint.py's (every file in `.tmp-step-N/`, manifest last, atomic rename),
 then the retention policy and, for s3:// output dirs, the upload. Asynchronously: at the step boundary each
 process writes its small state (RNG states, samplers, scaler: accelerate's own format and files) and its own
-files (a stream position, the weight average), and rank 0 copies the weights, optimizer and scheduler states into
-reused CPU buffers; a thread then writes them, waits until every rank's files are in the folder, commits, prunes
+files (a stream position), and rank 0 copies the weights, the optimizer and scheduler states and the weight average
+(EMA/SWA) into reused CPU buffers; a thread then writes them, waits until every rank's files are in the folder, commits, prunes
 and uploads. The next save, a stop and the end of training wait for it (`wait()`), and an error in it (a full
 disk) surfaces there. A kill mid-write leaves only the `.tmp-` folder: the previous checkpoint stays the newest.
 """
@@ -68,7 +68,7 @@ class AsyncCheckpointWriter(CheckpointWriter):
     def save(self, progress, recorded: dict, files: dict) -> None:
         from accelerate.checkpointing import save_accelerator_state
 
-        from resumable.checkpoint import _write_json, step_name
+        from resumable.checkpoint import TensorFile, _write_json, step_name
         from resumable.ranks import prepare_separate, ranks
 
         self.wait()
@@ -86,12 +86,16 @@ class AsyncCheckpointWriter(CheckpointWriter):
         # the small state now, in accelerate's own files: RNG states, samplers, scaler
         save_accelerator_state(str(tmp), [], [], [], acc._dataloaders, acc.state.process_index, acc.step,
                                acc.scaler, save_on_each_node=acc.project_configuration.save_on_each_node)  # fmt: skip
+        later = {name: content for name, content in files.items() if isinstance(content, TensorFile)}
         for name, content in files.items():
-            _write_json(tmp / name, content) if isinstance(content, dict) else content(tmp / name)
+            if name not in later:
+                _write_json(tmp / name, content) if isinstance(content, dict) else content(tmp / name)
         if not acc.is_main_process:
+            for name, content in later.items():  # only rank 0 has tensor files (the weight average)
+                content(tmp / name)
             (tmp / WRITTEN.format(rank=acc.process_index)).touch()
             return
-        state = self._snapshot()
+        state = self._snapshot(later)
         progress, fields = copy.deepcopy(progress), self._fields(progress, recorded)
         self.thread = threading.Thread(target=self._write, args=(tmp, final, progress, fields, state),
                                        name="async-checkpoint", daemon=False)  # fmt: skip
@@ -110,7 +114,10 @@ class AsyncCheckpointWriter(CheckpointWriter):
         seen[ident] = buf
         return buf
 
-    def _snapshot(self) -> tuple:
+    def _snapshot(self, files: dict) -> tuple:
+        """CPU copies of the weights, optimizer and scheduler states and the tensor files, as of this step."""
+        from resumable.checkpoint import TensorFile
+
         acc, seen = self.accelerator, {}
         weights = OrderedDict(
             (k, self._copy(("w", k), v, seen) if torch.is_tensor(v) else v)
@@ -123,9 +130,11 @@ class AsyncCheckpointWriter(CheckpointWriter):
                      for p, s in sd["state"].items()}  # fmt: skip
             optimizers.append(_Frozen({"state": state, "param_groups": copy.deepcopy(sd["param_groups"])}))
         schedulers = [_Frozen(copy.deepcopy(s.state_dict())) for s in acc._schedulers]
+        files = {name: TensorFile({k: self._copy(("f", name, k), v, seen) for k, v in f.tensors.items()},
+                                  dict(f.metadata)) for name, f in files.items()}  # fmt: skip
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the non-blocking copies are complete
-        return weights, optimizers, schedulers
+        return weights, optimizers, schedulers, files
 
     def _fields(self, progress, recorded: dict) -> dict:
         from resumable.checkpoint import _manifest_fields
@@ -143,7 +152,7 @@ class AsyncCheckpointWriter(CheckpointWriter):
         t0, acc = time.perf_counter(), self.accelerator
         try:
             scratch = tmp / ".async"  # its RNG file would hold the state of now, not of the step: dropped
-            weights, optimizers, schedulers = state
+            weights, optimizers, schedulers, files = state
             inject_delay("async_write")
             scratch.mkdir()
             save_accelerator_state(str(scratch), [weights], optimizers, schedulers, [], acc.state.process_index,
@@ -152,6 +161,8 @@ class AsyncCheckpointWriter(CheckpointWriter):
                 if not path.name.startswith("random_states"):
                     path.rename(tmp / path.name)
             shutil.rmtree(scratch)
+            for name, content in files.items():  # the weight average
+                content(tmp / name)
             others = [tmp / WRITTEN.format(rank=r) for r in range(1, acc.num_processes)]
             deadline = time.monotonic() + self.cfg.ddp_timeout
             while not all(p.exists() for p in others):  # the other ranks write only small files
