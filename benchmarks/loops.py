@@ -36,6 +36,21 @@ class StepLog:
         self.fh.write(json.dumps({"step": step, "train/loss": value, "time": round(time.time(), 4)}) + "\n")
         self.fh.flush()
 
+    def save(self, step: int, seconds: float) -> None:
+        self.fh.write(json.dumps({"step": step, "save_s": round(seconds, 5)}) + "\n")
+        self.fh.flush()
+
+
+def timed(log: StepLog, save, step_of):
+    """`save` that records how long it blocked the loop (in the log, after the step's own record)."""
+
+    def run(*args, **kwargs):
+        t0 = time.perf_counter()
+        save(*args, **kwargs)
+        log.save(step_of(), time.perf_counter() - t0)
+
+    return run
+
 
 def setup(train_flags: list[str], out: Path, max_steps: int) -> tuple:
     import torch
@@ -92,7 +107,7 @@ def raw_loop(cfg, model, opt, sched, train_ds, out: Path, max_steps: int, save_e
             if save_every and step % save_every == 0:
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "step": step}  # fmt: skip
-                torch.save(state, out / f"ckpt-{step}.pt")
+                timed(log, torch.save, lambda s=step: s)(state, out / f"ckpt-{step}.pt")
             if step >= max_steps:
                 break
     save_final(model, out)
@@ -126,7 +141,7 @@ def accelerate_loop(cfg, model, opt, sched, train_ds, out: Path, max_steps: int,
             step += 1
             log.step(step, loss)
             if save_every and step % save_every == 0:
-                acc.save_state(str(out / f"step_{step}"))
+                timed(log, acc.save_state, lambda s=step: s)(str(out / f"step_{step}"))
             if step >= max_steps:
                 break
     save_final(acc.unwrap_model(model), out)
@@ -150,6 +165,7 @@ def trainer_loop(cfg, model, opt, sched, train_ds, out: Path, max_steps: int, sa
     )  # fmt: skip
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator,
                       optimizers=(opt, sched), callbacks=[Clock()])  # fmt: skip
+    trainer._save_checkpoint = timed(log, trainer._save_checkpoint, lambda: trainer.state.global_step)
     trainer.train(resume_from_checkpoint=any(out.glob("checkpoint-*")) or None)
     save_final(model, out)
 

@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         accelerator.log(metrics, step=progress.step)
         return True
 
-    def save() -> None:
-        """Commit a checkpoint at this step, or record what changed since this step's (an evaluation re-run)."""
+    def save(last: bool = False) -> None:
+        """Commit a checkpoint at this step, or record what changed since this step's (an evaluation re-run).
+        `last`: the run ends after it, so --async_save waits for its commit (an error in it is the run's)."""
         nonlocal last_saved
         writer.wait()  # --async_save: the pending save is committed first (and its error raised here)
         if last_saved == state():
@@ -222,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         # --max_run_time leaves room for the save and its upload (a background one included)
         stop.note_save(time.perf_counter() - t0 + writer.background_s)
         last_saved = state()
+        if last:
+            writer.wait()
 
     # --- training loop
     interrupted = False
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # --- stop early, or finish
     if progress.step < total_steps or progress.eval_pending:
-        save()
+        save(last=True)
         mark_preempting(stop.reason)  # a scheduler's stop: a W&B sweep requeues the run, not crashed
         pending = ", its evaluation runs first on resume" if progress.eval_pending else ""
         log.warning(
@@ -327,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
         team.wait()  # no rank exits (and makes torchrun kill the others) before all are done
         accelerator.end_training()  # after the barrier: it destroys the process group
         return EXIT_REQUEUE
-    save()
+    save(last=True)
     weights = backend.gather_weights(model, cfg.checkpoints_dir / step_name(progress.step))  # every rank
     if is_main:
         epochs, unwrapped = feed.epochs(progress), accelerator.unwrap_model(model)

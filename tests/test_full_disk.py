@@ -70,12 +70,16 @@ def error_text(stderr: str) -> str:
 
 
 @pytest.mark.slow
-def test_a_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes_once_there_is_room(tmp_path, cache_dir):
-    """Room for the step-3 checkpoint and a half of another: the step-6 save fails half-way through."""
+@pytest.mark.parametrize("writer", [[], ["--async_save"]], ids=["sync", "async"])
+def test_a_full_disk_during_a_save_stops_in_one_line_and_the_run_resumes_once_there_is_room(
+    tmp_path, cache_dir, writer
+):
+    """Room for the step-3 checkpoint and a half of another: the step-6 save fails half-way through (with
+    --async_save in the background: the run's last save is waited for, its error is the run's)."""
     checkpoint = on_disk(FIXTURE / "run" / "checkpoints" / STEP)  # the same model and optimizer as this run's
     with tmpfs(tmp_path / "disk", checkpoint * 3 // 2 + 8 * PAGE) as disk:
         out = disk / "run"
-        run = Run(FIXTURE_ARGS, out, cache_dir)  # the cache is not on the small disk
+        run = Run([*FIXTURE_ARGS, *writer], out, cache_dir)  # the cache is not on the small disk
         result = run.run_expecting(74)
         line = error_text(result.stderr)
         assert line.startswith(

@@ -39,9 +39,11 @@ class CheckpointWriter:
     def save(self, progress, recorded: dict, files: dict) -> None:
         from resumable.checkpoint import save_checkpoint
 
+        t0 = time.perf_counter()
         folder = save_checkpoint(self.accelerator, self.cfg.checkpoints_dir, progress, recorded, files)
         if self.accelerator.is_main_process:
             self.after_commit(folder)
+        log.debug(f"checkpoint {folder.name}: training blocked {time.perf_counter() - t0:.3f} s")  # benchmarks read it
 
     def after_commit(self, folder: Path) -> None:
         """Rank 0: retention, then the upload (data files first, manifest last: a cut upload is never taken)."""
@@ -72,7 +74,7 @@ class AsyncCheckpointWriter(CheckpointWriter):
         from resumable.ranks import prepare_separate, ranks
 
         self.wait()
-        acc, team = self.accelerator, ranks(self.accelerator)
+        t0, acc, team = time.perf_counter(), self.accelerator, ranks(self.accelerator)
         final = self.cfg.checkpoints_dir / step_name(progress.step)
         tmp = final.with_name(f".tmp-{final.name}")
         if acc.is_main_process:
@@ -100,6 +102,8 @@ class AsyncCheckpointWriter(CheckpointWriter):
         self.thread = threading.Thread(target=self._write, args=(tmp, final, progress, fields, state),
                                        name="async-checkpoint", daemon=False)  # fmt: skip
         self.thread.start()
+        log.debug(f"checkpoint {final.name}: training blocked {time.perf_counter() - t0:.3f} s (the rest in the "
+                  "background)")  # fmt: skip
 
     def _copy(self, key, tensor: torch.Tensor, seen: dict) -> torch.Tensor:
         """`tensor` copied into its reused CPU buffer (a tensor shared under two names is copied once)."""
