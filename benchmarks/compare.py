@@ -11,8 +11,10 @@ Measures (tiny_lm's model and batch unless said):
   105,570 batches; each variant's own 10-step checkpoint with its position set to the target, the way each
   records it);
 - a 60-step run saving every 10 steps: time a save blocks training (each variant's save call timed: for the
-  Trainer its `_save_checkpoint`, for train.py the writer's save as logged at --log_level debug), bytes per checkpoint / bytes of the model + optimizer tensors; then the same run SIGKILLed after
-  step 35 and re-run: are the final weights bitwise equal (`torch.equal`) to the uninterrupted run's?
+  Trainer its `_save_checkpoint`, for train.py the writer's save as logged at --log_level debug, a wait for the
+  previous background write included), bytes per checkpoint / bytes of the model + optimizer tensors; then the
+  same run SIGKILLed after step 31 (async: while the step-30 checkpoint is being written) and re-run: are the
+  final weights bitwise equal (`torch.equal`) to the uninterrupted run's?
 
 Writes benchmarks/results/compare.{md,json,png}.
 """
@@ -57,20 +59,23 @@ def command(variant: str, flags: list[str], out: Path, cache: Path, max_steps: i
             str(max_steps), "--save_every", str(save_every), *common]  # fmt: skip
 
 
-def run(cmd: list[str], kill_after_step: int | None = None, log: Path | None = None) -> tuple[float, int]:
+def run(cmd: list[str], kill_after_step: int | None = None, log: Path | None = None, env: dict | None = None
+        ) -> tuple[float, int]:  # fmt: skip
     """(launch time, peak RSS bytes) of `cmd`; with kill_after_step, SIGKILLed once `log` shows that step."""
-    t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-    if kill_after_step is not None:
-        while not (steps(log) and steps(log)[-1]["step"] >= kill_after_step):
+    with tempfile.TemporaryFile() as err:  # not a pipe: a chatty variant would block on a full one
+        t0 = time.time()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=REPO, env={**os.environ, **(env or {})})
+        while kill_after_step is not None and not (steps(log) and steps(log)[-1]["step"] >= kill_after_step):
             if proc.poll() is not None:
-                raise RuntimeError(f"{cmd[1]} ended before step {kill_after_step}: {proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"{' '.join(cmd)} ended before step {kill_after_step}")
             time.sleep(0.005)
-        proc.send_signal(signal.SIGKILL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if kill_after_step is None and code not in (0, 75):  # 75: stopped by --max_steps_per_run, as asked
-        raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {proc.stderr.read().decode()[-3000:]}")
+        if kill_after_step is not None:
+            proc.send_signal(signal.SIGKILL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        if kill_after_step is None and code not in (0, 75):  # 75: stopped by --max_steps_per_run, as asked
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed ({code}): {err.read().decode()[-3000:]}")
     return t0, usage.ru_maxrss * 1024
 
 
@@ -101,7 +106,9 @@ def lifecycle(variant: str, root: Path, cache: Path) -> dict:
     flags = [*STEADY, "--log_level", "debug"] if variant.startswith("train.py") else STEADY
     run(command(variant, flags, whole, cache, 60, 10))
     cmd = command(variant, STEADY, killed, cache, 60, 10)
-    run(cmd, kill_after_step=35, log=killed / "train_log.jsonl")
+    # killed after step 31: --async_save's step-30 write (made 1 s longer) is still in flight
+    slow = {"RESUMABLE_DELAY": "async_write:1"} if "async" in variant else {}
+    run(cmd, kill_after_step=31, log=killed / "train_log.jsonl", env=slow)
     run(cmd)
     a, b = final_weights(variant, whole), final_weights(variant, killed)
     import torch
@@ -188,7 +195,8 @@ def move_position(variant: str, out: Path, position: int) -> None:
         state = torch.load(src, weights_only=False)
         state["step"] = position
         torch.save(state, checkpoint_path(variant, out, position))
-        src.unlink()
+        if position != 10:
+            src.unlink()
     elif variant == "accelerate":
         src.rename(checkpoint_path(variant, out, position))
     elif variant == "trainer":

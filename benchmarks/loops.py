@@ -66,7 +66,11 @@ def setup(train_flags: list[str], out: Path, max_steps: int) -> tuple:
     tok = load_tokenizer(cfg, raw)
     train_ds, _ = tokenize_datasets(cfg, raw, tok)
     model = build_model(cfg, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": [p for p in model.parameters() if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0},
+    ]  # as train.py
+    opt = torch.optim.AdamW(groups, lr=cfg.learning_rate)  # fmt: skip
     sched = get_scheduler(cfg.lr_scheduler_type, opt, cfg.warmup_steps, max_steps)
     return cfg, model, opt, sched, train_ds
 

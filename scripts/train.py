@@ -206,10 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         """Commit a checkpoint at this step, or record what changed since this step's (an evaluation re-run).
         `last`: the run ends after it, so --async_save waits for its commit (an error in it is the run's)."""
         nonlocal last_saved
+        t0 = time.perf_counter()  # what the save keeps training waiting, a pending background write included
         writer.wait()  # --async_save: the pending save is committed first (and its error raised here)
         if last_saved == state():
             return
-        t0 = time.perf_counter()
         if last_saved[0] == progress.step:  # the state is the same; only its record (metrics, best) changed
             folder = cfg.checkpoints_dir / step_name(progress.step)
             if is_main:
@@ -270,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             step_loss, stopping, bad = (stats[0] / world).item(), stats[1].item() > 0, stats[2].item() > 0
             lr = scheduler.get_last_lr()[0]  # the rate this update uses (the scheduler moves on after it)
             if diverged := guard.diverged(bad, progress, step_loss, grad_norm):
-                return stop_diverged(accelerator, out, mirror, progress.step, diverged)
+                return stop_diverged(writer, out, progress.step, diverged)
             if bad:
                 skip_update(accelerator)
             elif found := backend.step(optimizer):  # DeepSpeed checks the gradients inside its step
-                return stop_diverged(accelerator, out, mirror, progress.step, f"step {progress.step + 1}: {found}")
+                return stop_diverged(writer, out, progress.step, f"step {progress.step + 1}: {found}")
             applied = not (bad or accelerator.optimizer_step_was_skipped)
             if bad or applied:  # an fp16 overflow skips the schedule's step too: keep it in line
                 scheduler.step()

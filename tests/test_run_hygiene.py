@@ -50,8 +50,12 @@ def test_library_noise_a_user_cannot_act_on_is_silenced(tmp_path, cache_dir):
         assert noise not in result.stderr, result.stderr
 
 
-def test_a_nan_loss_stops_before_the_update_and_saves_nothing_after_it(tmp_path, cache_dir):
-    run = Run([*TINY_LM, "--checkpointing_steps", "2"], tmp_path, cache_dir, env={"RESUMABLE_FAULT": "nan_loss:5"})
+@pytest.mark.parametrize("writer", ["sync", "async"])
+def test_a_nan_loss_stops_before_the_update_and_saves_nothing_after_it(tmp_path, cache_dir, writer):
+    # async: the step-4 checkpoint is still being written (2 s longer) when step 5 diverges; the stop waits for it
+    extra, slow = (["--async_save"], {"RESUMABLE_DELAY": "async_write:2"}) if writer == "async" else ([], {})
+    env = {"RESUMABLE_FAULT": "nan_loss:5", **slow}
+    run = Run([*TINY_LM, "--checkpointing_steps", "2", *extra], tmp_path, cache_dir, env=env)
     result = run.run_expecting(3)
     errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "step 5" in errors[0] and "step-00000004" in errors[0], result.stderr

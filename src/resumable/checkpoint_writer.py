@@ -64,6 +64,7 @@ class AsyncCheckpointWriter(CheckpointWriter):
     def __init__(self, accelerator, cfg, policy, mirror):
         super().__init__(accelerator, cfg, policy, mirror)
         self.thread: threading.Thread | None = None
+        self.waited_s = 0.0  # joining the previous write since the last save: part of what the next save blocks
         self.error: tuple | None = None  # (exception, temporary folder, checkpoint) of a failed background write
         self.buffers: dict = {}  # reused from save to save: no allocation (page faults) at the step boundary
 
@@ -74,7 +75,8 @@ class AsyncCheckpointWriter(CheckpointWriter):
         from resumable.ranks import prepare_separate, ranks
 
         self.wait()
-        t0, acc, team = time.perf_counter(), self.accelerator, ranks(self.accelerator)
+        t0, acc, team = time.perf_counter() - self.waited_s, self.accelerator, ranks(self.accelerator)
+        self.waited_s = 0.0
         final = self.cfg.checkpoints_dir / step_name(progress.step)
         tmp = final.with_name(f".tmp-{final.name}")
         if acc.is_main_process:
@@ -187,8 +189,10 @@ class AsyncCheckpointWriter(CheckpointWriter):
 
     def wait(self) -> None:
         if self.thread is not None:
+            t0 = time.perf_counter()
             self.thread.join()
             self.thread = None
+            self.waited_s += time.perf_counter() - t0
         if self.error is not None:
             (err, tmp, final), self.error = self.error, None
             from resumable.checkpoint import _disk_full

@@ -126,13 +126,12 @@ def load_tokenizer(cfg: TrainConfig, raw: datasets.DatasetDict) -> PreTrainedTok
 def bpe_cache_dir(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     """Where the BPE tokenizer trained on `train` is cached: keyed by the data's fingerprint and the settings."""
     columns = ":".join(cfg.text_columns)
-    version = "v2" if cfg.task == "seq2seq" else "v1"  # v2: words as pieces (below)
-    key = hashlib.sha256(f"{train._fingerprint}:{columns}:{cfg.vocab_size}:{cfg.task}:{version}".encode()).hexdigest()
+    key = hashlib.sha256(f"{train._fingerprint}:{columns}:{cfg.vocab_size}:{cfg.task}:v1".encode()).hexdigest()
     return cache_root(cfg) / "tokenizers" / key[:16]
 
 
 def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     target = bpe_cache_dir(cfg, train)
@@ -142,16 +141,6 @@ def _train_bpe(cfg: TrainConfig, train: datasets.Dataset) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    if cfg.task == "seq2seq":  # identifiers split into words, every word one piece with its space mark: `read_config`
-        # and "read the config" share tokens, so a small model learns to copy names into summaries
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(r"\s+"), behavior="removed"),
-            pre_tokenizers.Split(Regex(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+|[^\sA-Za-z\d]"), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
-        ])  # fmt: skip
-        tok.decoder = decoders.Sequence([decoders.ByteLevel(), decoders.Strip(" ", 1, 0),
-                                         *(decoders.Replace(f" {c}", c) for c in ".,:;)!?'"),
-                                         decoders.Replace("( ", "("), decoders.Replace("' ", "'")])  # fmt: skip
     specials = [EOS, PAD, CLS]
     trainer = trainers.BpeTrainer(
         vocab_size=cfg.vocab_size,

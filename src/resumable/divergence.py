@@ -99,8 +99,14 @@ class NanGuard:
         return ""
 
 
-def stop_diverged(accelerator, out: Path, mirror, step: int, reason: str) -> int:
-    """Stop every rank without saving (the update was not applied, but nothing after it can be trusted either)."""
+def stop_diverged(writer, out: Path, step: int, reason: str) -> int:
+    """Stop every rank without saving (the update was not applied, but nothing after it can be trusted either).
+    A pending --async_save commit (`writer`'s) finishes first: the last good checkpoint named below is on disk."""
+    accelerator, mirror = writer.accelerator, writer.mirror
+    try:
+        writer.wait()
+    except Exception as err:  # the divergence stays the headline; the failed save is said too
+        log.error(f"the pending checkpoint save failed: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
     if accelerator.is_main_process:
         latest = find_latest_checkpoint(out / "checkpoints", deep=False)
         advice = (
